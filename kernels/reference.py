@@ -1,0 +1,128 @@
+"""PyTorch reference implementations: the specification of every fused op.
+
+Each function here has exactly the signature of its public op in :mod:`userllm.kernels`; the Triton
+and native implementations are tested against these on random inputs. They favour clarity over
+speed, and compute attention in float32 whatever the input dtype (outputs are cast back).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+POOLINGS = ("mean", "sum")
+
+
+def check_embedding_inputs(ids: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], pooling: str) -> None:
+    """Validate ``embedding_concat`` arguments; out-of-range ids raise ``IndexError`` naming the feature.
+
+    Shared by every backend so that all of them reject the same inputs with the same message (and a GPU
+    never hits a device-side assert on a bad id).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"embedding_concat: pooling must be one of {POOLINGS}, got {pooling!r}")
+    if len(ids) != len(tables):
+        raise ValueError(f"embedding_concat: got {len(ids)} id tensors but {len(tables)} tables")
+    if len(ids) == 0:
+        raise ValueError("embedding_concat: needs at least one feature")
+    lead = ids[0].shape[:2]
+    for f, (x, t) in enumerate(zip(ids, tables)):
+        if x.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"embedding_concat: ids[{f}] must be int32 or int64, got {x.dtype}")
+        if x.dim() not in (2, 3) or x.shape[:2] != lead:
+            raise ValueError(f"embedding_concat: ids[{f}] must be [B, L] or [B, L, K] with [B, L] = "
+                             f"{tuple(lead)}, got {tuple(x.shape)}")
+        if t.dim() != 2:
+            raise ValueError(f"embedding_concat: tables[{f}] must be [V, D], got {tuple(t.shape)}")
+        if t.dtype != tables[0].dtype:
+            raise TypeError(f"embedding_concat: tables[{f}] is {t.dtype} but tables[0] is {tables[0].dtype}")
+        if x.numel() and int(x.max()) >= t.shape[0]:
+            raise IndexError(f"embedding_concat: feature {f} has id {int(x.max())} but its table has only "
+                             f"{t.shape[0]} rows")
+
+
+def embedding_concat(ids: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], pooling: str = "mean") -> torch.Tensor:
+    """Look up every feature's embedding and concatenate them per event.
+
+    ids:    sequence of int32/int64 tensors, one per feature, [B, L] or [B, L, K]; negative = padding.
+    tables: sequence of float tensors [V_i, D_i] of one dtype.
+    pooling: "mean" (over the valid ids of an event) or "sum", for [B, L, K] features.
+    Returns [B, L, sum(D_i)] in the tables' dtype; an event with no valid id of a feature gets zeros there.
+    """
+    check_embedding_inputs(ids, tables, pooling)
+    parts = []
+    for x, table in zip(ids, tables):
+        x3 = x if x.dim() == 3 else x.unsqueeze(-1)
+        valid = x3 >= 0
+        rows = F.embedding(x3.clamp_min(0).long(), table)                   # [B, L, K, D]
+        pooled = (rows * valid.unsqueeze(-1).to(rows.dtype)).sum(dim=2)     # [B, L, D]
+        if pooling == "mean":
+            count = valid.sum(dim=-1, keepdim=True).clamp_min(1)
+            pooled = pooled / count.to(pooled.dtype)
+        parts.append(pooled)
+    return torch.cat(parts, dim=-1)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention of q [B, T, H, D] over k, v [B, N, H, D] where keys at positions >= kv_lengths[b] are masked.
+
+    Rows with ``kv_lengths[b] == 0`` return zeros. Computed in float32, returned in q's dtype.
+    """
+    B, T, H, D = q.shape
+    N = k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k.float()) * scale
+    key_valid = torch.arange(N, device=k.device)[None, :] < kv_lengths.to(k.device)[:, None]  # [B, N]
+    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(key_valid.any(dim=1)[:, None, None, None], probs, torch.zeros_like(probs))
+    out = torch.einsum("bhtn,bnhd->bthd", probs, v.float())
+    return out.to(q.dtype)
+
+
+def check_lengths(kv_lengths: torch.Tensor, batch: int, n: int, op: str) -> None:
+    if kv_lengths.dim() != 1 or kv_lengths.shape[0] != batch:
+        raise ValueError(f"{op}: kv_lengths must be [B] = [{batch}], got {tuple(kv_lengths.shape)}")
+    if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
+        raise TypeError(f"{op}: kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
+    if kv_lengths.numel() and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > n):
+        raise ValueError(f"{op}: kv_lengths must lie in [0, {n}], got [{int(kv_lengths.min())}, "
+                         f"{int(kv_lengths.max())}]")
+
+
+def latent_cross_attention(latents: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """Perceiver cross-attention of learned latents over a padded batch of events.
+
+    latents: [M, H, D] shared by the batch, or [B, M, H, D].
+    k, v:    [B, N, H, D]; kv_lengths: int [B] in [0, N]. Returns [B, M, H, D] in latents' dtype.
+    """
+    B, N, H, D = k.shape
+    check_lengths(kv_lengths, B, N, "latent_cross_attention")
+    if latents.dim() == 3:
+        latents = latents.unsqueeze(0).expand(B, -1, -1, -1)
+    if latents.shape[0] != B or latents.shape[2:] != (H, D):
+        raise ValueError(f"latent_cross_attention: latents {tuple(latents.shape)} do not match k {tuple(k.shape)}")
+    return masked_attention(latents, k, v, kv_lengths, scale)
+
+
+def cached_cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """Text queries attending to cached user K/V, with grouped-query heads.
+
+    q: [B, T, Hq, D]; k_cache, v_cache: [B, N, Hkv, D], Hq % Hkv == 0 (query head h reads KV head
+    h // (Hq // Hkv), as in Hugging Face's ``repeat_kv``); kv_lengths: int [B] in [0, N].
+    Returns [B, T, Hq, D] in q's dtype.
+    """
+    B, T, Hq, D = q.shape
+    N, Hkv = k_cache.shape[1], k_cache.shape[2]
+    check_lengths(kv_lengths, B, N, "cached_cross_attention")
+    if Hq % Hkv != 0:
+        raise ValueError(f"cached_cross_attention: Hq={Hq} is not a multiple of Hkv={Hkv}")
+    group = Hq // Hkv
+    k = k_cache.repeat_interleave(group, dim=2)
+    v = v_cache.repeat_interleave(group, dim=2)
+    return masked_attention(q, k, v, kv_lengths, scale)

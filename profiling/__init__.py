@@ -1,0 +1,1 @@
+"""Profiling of User-LLM against text-prompt runs, imported as ``userllm.profiling``."""
