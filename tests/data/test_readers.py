@@ -67,6 +67,7 @@ def test_movielens_csv():
     ev = read_movielens(ML / "ml-csv")
     check_table(ev)
     assert ev.name == "movielens" and ev.meta["format"] == "csv"
+    assert ev.meta["files"] == [str(ML / "ml-csv" / "ratings.csv"), str(ML / "ml-csv" / "movies.csv")]
     assert ev.summary is None and ev.text is None
     # Users/items numbered in numeric raw-id order (10 after 2, not between 1 and 2).
     assert ev.user_ids.tolist() == ["1", "2", "10"]
@@ -171,8 +172,16 @@ def test_movielens_empty(tmp_path):
     with pytest.raises(DataError, match=r"ratings\.csv: no ratings"):
         read_movielens(directory)
     (directory / "ratings.csv").write_text("")
-    with pytest.raises(DataError, match=r"ratings\.csv"):
+    with pytest.raises(DataError, match=r"ratings\.csv:1: empty file"):
         read_movielens(directory)
+    dat = copy_fixture(tmp_path, "movielens/ml-dat")
+    (dat / "ratings.dat").write_bytes(b"")
+    with pytest.raises(DataError, match=r"ratings\.dat: empty file"):
+        read_movielens(dat)
+    k100 = copy_fixture(tmp_path, "movielens/ml-100k")
+    (k100 / "u.data").write_text("\n\n")
+    with pytest.raises(DataError, match=r"u\.data: no ratings"):
+        read_movielens(k100)
 
 
 # -------------------------------------------------------------------------------------------- Amazon
@@ -352,3 +361,55 @@ def test_real_google_local_meta(shared_data):
         record = firsts[gmap_id]
         assert meta[gmap_id] == (record["name"] or gmap_id, tuple(record["category"] or ()))
     assert len({c for _, cats in meta.values() for c in cats}) == 2_077
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+
+def test_factorize_sorted_codes():
+    import pyarrow as pa
+
+    from userllm.data.readers._common import factorize
+
+    cases = [
+        [7, 3, 7, 1, 3],  # dense integer ids: presence-table path
+        [5, -3, 5, 10**15, 7],  # sparse / negative ids: hashing path
+        ["b", "a", "b", "c"],  # strings: hashing path, byte-wise order
+    ]
+    for values in cases:
+        half = len(values) // 2
+        codes, uniques = factorize(pa.chunked_array([pa.array(values[:half]), pa.array(values[half:])]))
+        expected_uniques, expected_codes = np.unique(np.array(values), return_inverse=True)
+        assert codes.dtype == np.int64
+        assert codes.tolist() == expected_codes.tolist()
+        assert uniques.to_pylist() == expected_uniques.tolist()
+
+
+def test_error_location_across_pieces(tmp_path, monkeypatch):
+    """The error path re-parses the file in pieces; line numbers must carry across piece boundaries."""
+    from userllm.data.readers import _common
+
+    monkeypatch.setattr(_common, "_LOCATE_CHUNK", 64)
+    ratings = ["userId,movieId,rating,timestamp"] + [f"{u},{u % 7},4.0,{1000 + u}" for u in range(1, 60)]
+    ratings[41] = "41,6,4.0"  # line 42
+    release = tmp_path / "ml"
+    release.mkdir()
+    (release / "ratings.csv").write_text("\r\n".join(ratings) + "\r\n")
+    with pytest.raises(DataError, match=r"ratings\.csv:42: expected 4 columns, got 3"):
+        read_movielens(release)
+
+    dat = tmp_path / "ml-dat"
+    dat.mkdir()
+    lines = [f"{u}::{u % 5}::3::{900 + u}" for u in range(1, 50)]
+    lines[36] = "37::4::3::later"  # line 37
+    (dat / "ratings.dat").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"ratings\.dat:37: column 'timestamp'"):
+        read_movielens(dat)
+
+    records = [json.dumps({"reviewerID": f"U{i}", "asin": f"I{i % 3}", "overall": 5.0, "unixReviewTime": i})
+               for i in range(40)]
+    records[29] = json.dumps({"reviewerID": "U29", "overall": 5.0, "unixReviewTime": 29})  # line 30
+    with gzip.open(tmp_path / "Big_5.json.gz", "wt") as fh:
+        fh.write("\n".join(records) + "\n")
+    with pytest.raises(DataError, match=r"Big_5\.json\.gz:30: missing required key 'asin'"):
+        read_amazon(tmp_path / "Big_5.json.gz")

@@ -1,12 +1,14 @@
 """Shared machinery of the readers: columnar parsing with pyarrow, error location, dense factorization.
 
 The fast path never loops over events in Python: pyarrow parses CSV / JSON lines in C++ (multi-threaded)
-and pyarrow's hash kernels factorize the id columns. Python loops happen only
+and the id columns are factorized with a presence table (dense integer ids) or pyarrow's hash kernels.
+Python loops happen only
 
 * over the *item catalogue* (one entry per distinct item: titles and category tuples are Python objects
   in :class:`~userllm.data.events.ItemCatalog` anyway), and
 * on the *error path*: pyarrow's messages name neither the file nor the line, so when it rejects a file we
-  re-read the text once with the standard library and report the first offending 1-based line.
+  re-parse it in pieces that end at line breaks and scan only the first rejected piece line by line with
+  the standard library, reporting the first offending 1-based line.
 
 Dense ids: users and items are numbered in **sorted raw-id order** (numeric order for MovieLens' integer
 ids, byte-wise lexicographic order for string ids such as asins and gmap_ids), so the numbering does not
@@ -132,6 +134,8 @@ def read_delimited(path: Path, spec: CsvSpec, data: bytes | None = None) -> pa.T
     source = pa.BufferReader(data) if data is not None else str(path)
     if spec.header:
         header = _first_line(path, data)
+        if not header.strip():
+            raise DataError("empty file (expected a header line)", path, 1)
         got = _split_header(header, spec)
         missing = [n for n in names if n not in got]
         if missing:
@@ -179,13 +183,41 @@ def _split_header(header: str, spec: CsvSpec) -> list[str]:
     return [c.strip() for c in next(reader, [])]
 
 
-def _text_stream(path: Path, data: bytes | None) -> io.TextIOWrapper:
-    raw = io.BytesIO(data) if data is not None else open_binary(path)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+_LOCATE_CHUNK = 8 << 20
+
+
+def _chunks_at_newlines(path: Path, data: bytes | None, size: int | None = None) -> Iterator[bytes]:
+    """The file's bytes in pieces of about ``size`` that end at a line break (the last piece may not)."""
+    size = size or _LOCATE_CHUNK
+    if data is not None:
+        start = 0
+        while start < len(data):
+            end = data.find(b"\n", start + size)
+            end = len(data) if end < 0 else end + 1
+            yield data[start:end]
+            start = end
+        return
+    with open_binary(path) as fh:
+        rest = b""
+        while True:
+            block = fh.read(size)
+            if not block:
+                break
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            yield block[:cut]
+            rest = block[cut:]
+        if rest:
+            yield rest
 
 
 def _csv_error(path: Path, data: bytes | None, spec: CsvSpec, exc: Exception) -> DataError:
-    """Locate the first line pyarrow would reject (error path only: one pass with the csv module)."""
+    """Locate the first line pyarrow rejects (error path only)."""
+    if "Empty CSV file" in str(exc):
+        return DataError("empty file (no rows)", path)
     try:
         found = _locate_csv_error(path, data, spec)
     except (OSError, EOFError, csv.Error) as inner:  # corrupt gzip, NUL bytes, ...
@@ -197,36 +229,73 @@ def _csv_error(path: Path, data: bytes | None, spec: CsvSpec, exc: Exception) ->
 
 
 def _locate_csv_error(path: Path, data: bytes | None, spec: CsvSpec) -> tuple[int, str] | None:
+    """One pass in pieces: pyarrow re-parses each piece (C++ speed) and only a piece it rejects is scanned
+    row by row with the csv module, so a bad line at the end of a 20M-row file costs seconds, not minutes.
+    Pieces end at line breaks, which is exact for MovieLens (no line breaks inside fields); the row scan of
+    a rejected piece still understands quoting."""
+    header_cols: list[str] | None = None
+    line_base = 0
+    for chunk in _chunks_at_newlines(path, data):
+        if spec.header and header_cols is None:
+            end = chunk.find(b"\n")
+            first = chunk if end < 0 else chunk[: end + 1]
+            header_cols = _split_header(first.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n"),
+                                        spec)
+            chunk, line_base = chunk[len(first):], 1
+        if not _csv_chunk_parses(chunk, spec, header_cols):
+            found = _scan_csv_rows(chunk, spec, header_cols, line_base)
+            if found is not None:
+                return found
+        line_base += chunk.count(b"\n")
+    return None
+
+
+def _csv_chunk_parses(chunk: bytes, spec: CsvSpec, header_cols: list[str] | None) -> bool:
+    names = [n for n, _ in spec.columns]
+    try:
+        pacsv.read_csv(
+            pa.BufferReader(chunk),
+            read_options=pacsv.ReadOptions(column_names=header_cols or names, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=spec.delimiter, quote_char='"' if spec.quoting else False),
+            convert_options=pacsv.ConvertOptions(column_types=dict(spec.columns), include_columns=names,
+                                                 null_values=[], strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowKeyError):
+        return False
+    return True
+
+
+def _scan_csv_rows(chunk: bytes, spec: CsvSpec, header_cols: list[str] | None,
+                   line_base: int) -> tuple[int, str] | None:
     quoting = csv.QUOTE_MINIMAL if spec.quoting else csv.QUOTE_NONE
-    with _text_stream(path, data) as stream:
-        reader = csv.reader(stream, delimiter=spec.delimiter, quoting=quoting, strict=spec.quoting)
-        if spec.header:
-            header = [c.strip() for c in next(reader, [])]
-            header[:1] = [header[0].lstrip("\ufeff")] if header else []
-            ncols = len(header)
-            positions = [(header.index(n), n, t) for n, t in spec.columns]
-        else:
-            ncols = len(spec.columns)
-            positions = [(i, n, t) for i, (n, t) in enumerate(spec.columns)]
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return None
-            except csv.Error as err:
-                return reader.line_num, f"malformed row: {err}"
-            if not row or row == [""]:
-                continue  # pyarrow skips empty lines
-            line = reader.line_num
-            if len(row) != ncols:
-                shown = spec.delimiter.join(row).replace("\x1f", "::")
-                return line, f"expected {ncols} columns, got {len(row)}: {_short(shown)!r}"
-            for i, name, typ in positions:
-                value = row[i]
-                if pa.types.is_integer(typ) and not _INT_RE.fullmatch(value):
-                    return line, f"column {name!r}: expected an integer, got {_short(value)!r}"
-                if pa.types.is_floating(typ) and not _FLOAT_RE.fullmatch(value):
-                    return line, f"column {name!r}: expected a number, got {_short(value)!r}"
+    if header_cols is not None:
+        ncols = len(header_cols)
+        positions = [(header_cols.index(n), n, t) for n, t in spec.columns]
+    else:
+        ncols = len(spec.columns)
+        positions = [(i, n, t) for i, (n, t) in enumerate(spec.columns)]
+    stream = io.TextIOWrapper(io.BytesIO(chunk), encoding="utf-8", errors="replace", newline="")
+    reader = csv.reader(stream, delimiter=spec.delimiter, quoting=quoting, strict=spec.quoting)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return None
+        except csv.Error as err:
+            return line_base + reader.line_num, f"malformed row: {err}"
+        if not row or row == [""]:
+            continue  # pyarrow skips empty lines
+        line = line_base + reader.line_num
+        if len(row) != ncols:
+            shown = spec.delimiter.join(row).replace("\x1f", "::")
+            return line, f"expected {ncols} columns, got {len(row)}: {_short(shown)!r}"
+        for i, name, typ in positions:
+            value = row[i]
+            if pa.types.is_integer(typ) and not _INT_RE.fullmatch(value):
+                return line, f"column {name!r}: expected an integer, got {_short(value)!r}"
+            if pa.types.is_floating(typ) and not _FLOAT_RE.fullmatch(value):
+                return line, f"column {name!r}: expected a number, got {_short(value)!r}"
 
 
 # --------------------------------------------------------------------------------------- JSON lines
@@ -301,24 +370,50 @@ _KIND_WORDS = {"str": "a string", "int": "an integer", "num": "a number", "str_l
 
 
 def _locate_json_error(path: Path, fields: list[JsonField]) -> tuple[int, str] | None:
-    with open_binary(path) as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue  # pyarrow skips blank lines
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                return line, f"invalid JSON ({err})"
-            if not isinstance(record, dict):
-                return line, f"expected a JSON object, got {type(record).__name__}"
-            for f in fields:
-                value = record.get(f.name)
-                if value is None:
-                    if f.required:
-                        return line, f"missing required key {f.name!r}"
-                    continue
-                if not _check_kind(value, f.kind):
-                    return line, f"key {f.name!r}: expected {_KIND_WORDS[f.kind]}, got {_short(json.dumps(value))}"
+    """As for CSV: pieces ending at line breaks (exact for JSON lines) are re-parsed by pyarrow, and only a
+    piece it rejects (or that lacks a required value) is checked line by line with :mod:`json`."""
+    schema = pa.schema([(f.name, _ARROW_KIND[f.kind]) for f in fields])
+    line_base = 0
+    for chunk in _chunks_at_newlines(path, None):
+        if not _json_chunk_ok(chunk, schema, fields):
+            found = _scan_json_lines(chunk, fields, line_base)
+            if found is not None:
+                return found
+        line_base += chunk.count(b"\n")
+    return None
+
+
+def _json_chunk_ok(chunk: bytes, schema: pa.Schema, fields: list[JsonField]) -> bool:
+    try:
+        table = pajson.read_json(
+            pa.BufferReader(chunk),
+            read_options=pajson.ReadOptions(use_threads=False, block_size=max(len(chunk), 1)),
+            parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return not any(f.required and table.column(f.name).null_count for f in fields)
+
+
+def _scan_json_lines(chunk: bytes, fields: list[JsonField], line_base: int) -> tuple[int, str] | None:
+    for offset, raw in enumerate(chunk.split(b"\n"), start=1):
+        line = line_base + offset
+        if not raw.strip():
+            continue  # pyarrow skips blank lines
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return line, f"invalid JSON ({err})"
+        if not isinstance(record, dict):
+            return line, f"expected a JSON object, got {type(record).__name__}"
+        for f in fields:
+            value = record.get(f.name)
+            if value is None:
+                if f.required:
+                    return line, f"missing required key {f.name!r}"
+                continue
+            if not _check_kind(value, f.kind):
+                return line, f"key {f.name!r}: expected {_KIND_WORDS[f.kind]}, got {_short(json.dumps(value))}"
     return None
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..events import EventTable
-from ._common import JsonField, assemble, build_catalog, lookup_first, read_jsonl, require_rows, \
-    resolve_review_and_meta, strip_suffixes, text_column
+from ._common import (JsonField, assemble, build_catalog, lookup_first, read_jsonl, require_file, require_rows,
+                      resolve_review_and_meta, strip_suffixes, text_column)
 
 REVIEW_FIELDS = [
     JsonField("reviewerID", "str"),
@@ -47,8 +47,6 @@ def _sibling_meta(review: Path) -> list[str]:
 
 def read_amazon_meta(path: str | os.PathLike) -> pa.Table:
     """The metadata file as an Arrow table with columns asin, title, category (list<string>), file order."""
-    from ._common import require_file
-
     path = require_file(path, "metadata file")
     table = read_jsonl(path, META_FIELDS)
     require_rows(table.num_rows, path, "metadata records")
@@ -62,7 +60,8 @@ def read_amazon(path: str | os.PathLike, meta_path: str | os.PathLike | None = N
                at most one ``meta_*`` file.
     meta_path: the metadata file; when None, a ``meta_*`` file in the directory, or beside a review file
                the one named after its category (``X_5.json`` -> ``meta_X.json[.gz]``), is used if present.
-    Returns rating float32 (``overall``), timestamp int64 seconds, summary/text object arrays of str.
+    Returns rating float32 (``overall``), timestamp int64 seconds, summary/text object arrays of str;
+    ``meta["files"]`` lists the paths of the files read.
     """
     review_path, meta_file = resolve_review_and_meta(path, meta_path, ("meta_", "meta-"), _sibling_meta, "Amazon")
     reviews = read_jsonl(review_path, REVIEW_FIELDS)
@@ -75,7 +74,7 @@ def read_amazon(path: str | os.PathLike, meta_path: str | os.PathLike | None = N
         rows = lookup_first(uniques, meta.column("asin"))
         return build_catalog(raw_ids, rows, meta.column("title"), meta.column("category"))
 
-    files = [review_path.name] + ([meta_file.name] if meta_file is not None else [])
+    files = [str(review_path)] + ([str(meta_file)] if meta_file is not None else [])
     return assemble(
         "amazon",
         reviews.column("reviewerID"),

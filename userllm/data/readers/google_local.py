@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..events import EventTable
-from ._common import JsonField, assemble, build_catalog, factorize, lookup_first, read_jsonl, require_file, \
-    require_rows, resolve_review_and_meta, strip_suffixes, text_column
+from ._common import (JsonField, assemble, build_catalog, factorize, lookup_first, read_jsonl, require_file,
+                      require_rows, resolve_review_and_meta, strip_suffixes, text_column)
 
 REVIEW_FIELDS = [
     JsonField("user_id", "str"),
@@ -76,7 +76,8 @@ def read_google_local(path: str | os.PathLike, meta_path: str | os.PathLike | No
                most one ``meta-*`` / ``meta_*`` file.
     meta_path: the metadata file; when None, the one in the directory, or the ``meta-<State>`` file beside a
                ``review-<State>[_10]`` file, is used if present.
-    Returns timestamp int64 seconds, rating float32, text object array of str, summary None.
+    Returns timestamp int64 seconds, rating float32, text object array of str, summary None;
+    ``meta["files"]`` lists the paths of the files read.
     """
     review_path, meta_file = resolve_review_and_meta(path, meta_path, ("meta-", "meta_"), _sibling_meta,
                                                      "Google Local")
@@ -90,7 +91,7 @@ def read_google_local(path: str | os.PathLike, meta_path: str | os.PathLike | No
         rows = lookup_first(uniques, meta.column("gmap_id"))
         return build_catalog(raw_ids, rows, meta.column("name"), meta.column("category"))
 
-    files = [review_path.name] + ([meta_file.name] if meta_file is not None else [])
+    files = [str(review_path)] + ([str(meta_file)] if meta_file is not None else [])
     return assemble(
         "google_local",
         reviews.column("user_id"),

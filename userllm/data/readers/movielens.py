@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 
 from ...errors import DataError
 from ..events import EventTable
-from ._common import CsvSpec, assemble, build_catalog, lookup_first, read_delimited, read_small_text_bytes, \
-    require_dir_or_file, require_rows
+from ._common import (CsvSpec, assemble, build_catalog, lookup_first, read_delimited, read_small_text_bytes,
+                      require_dir_or_file, require_rows)
 
 #: ml-100k's genre order (the flag columns of u.item), used when the release has no u.genre.
 ML100K_GENRES = (
@@ -68,7 +68,8 @@ def read_movielens(path: str | os.PathLike) -> EventTable:
 
     path: the release directory (``ml-latest-small/``, ``ml-1m/``, ``ml-100k/`` ...) or a file inside it.
     Returns events in file order with user/item = dense indices (ascending raw id), timestamp int64 seconds,
-    rating float32, no summary/text. ``meta`` records the detected format and the files read.
+    rating float32, no summary/text. ``meta``: source, format, path (the release directory) and files (the
+    paths of every file read, e.g. for cache keys).
     Raises DataError (file, line) for a missing/unknown layout, malformed rows or an empty ratings file.
     """
     fmt, directory = detect_movielens_format(path)
@@ -83,7 +84,9 @@ def read_movielens(path: str | os.PathLike) -> EventTable:
     require_rows(ratings.num_rows, ratings_path, "ratings")
 
     movies, movies_path = _read_movies(fmt, directory)
-    files = [ratings_path.name] + ([movies_path.name] if movies_path is not None else [])
+    files = [str(ratings_path)] + ([str(movies_path)] if movies_path is not None else [])
+    if fmt == "100k" and (directory / "u.genre").is_file():
+        files.append(str(directory / "u.genre"))
 
     def catalog_for(uniques: pa.Array, raw_ids: np.ndarray):
         if movies is None:
@@ -140,8 +143,9 @@ def _read_100k_items(directory: Path) -> tuple[pa.Table | None, Path | None]:
     columns += [(f"g{i}", pa.int8()) for i in range(len(genres))]
     table = read_delimited(path, CsvSpec(columns, delimiter="|", quoting=False), data=read_small_text_bytes(path))
     # One row per movie (1,682 in ml-100k): a tiny loop turns the flag matrix into genre lists.
-    flags = np.stack([table.column(f"g{i}").to_numpy() for i in range(len(genres))], axis=1) if len(table) else \
-        np.zeros((0, len(genres)), np.int8)
+    flags = np.zeros((len(table), len(genres)), np.int8)
+    for j in range(len(genres)):
+        flags[:, j] = table.column(f"g{j}").to_numpy()
     lists = [[genres[j] for j in np.flatnonzero(row)] for row in flags]
     out = pa.table({
         "movieId": table.column("movieId"),
