@@ -1,9 +1,19 @@
 """Fused ops of userllm, imported as ``userllm.kernels``.
 
 Public API (signatures fixed; see :mod:`userllm.kernels.reference` for the specification):
-``embedding_concat``, ``latent_cross_attention``, ``cached_cross_attention``.
+``embedding_concat``, ``latent_cross_attention``, ``cached_cross_attention``, and the backend switch
+``use_backend`` / ``get_backend`` (environment: ``USERLLM_KERNEL_BACKEND``; see
+:mod:`userllm.kernels.dispatch`). Triton kernels live in ``embedding.py``, ``latent_attention.py``
+and ``cached_attention.py`` and are imported on first use.
 """
 
-from .reference import cached_cross_attention, embedding_concat, latent_cross_attention
+if __name__ == "userllm.kernels":
+    from .dispatch import cached_cross_attention, embedding_concat, get_backend, latent_cross_attention, use_backend
 
-__all__ = ["embedding_concat", "latent_cross_attention", "cached_cross_attention"]
+    __all__ = ["embedding_concat", "latent_cross_attention", "cached_cross_attention", "use_backend", "get_backend"]
+else:
+    # Imported under another name, almost always as top-level ``kernels`` because the repository root is
+    # on sys.path (``PYTHONPATH=.``, ``python -m pytest``): ``import transformers`` probes for Hugging Face's
+    # ``kernels`` package with ``importlib.import_module("kernels")`` and lands here. Stay inert: loading
+    # the ops a second time under this name would register the ``torch.library`` ops twice.
+    __all__ = []

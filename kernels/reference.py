@@ -38,9 +38,17 @@ def check_embedding_inputs(ids: Sequence[torch.Tensor], tables: Sequence[torch.T
             raise ValueError(f"embedding_concat: tables[{f}] must be [V, D], got {tuple(t.shape)}")
         if t.dtype != tables[0].dtype:
             raise TypeError(f"embedding_concat: tables[{f}] is {t.dtype} but tables[0] is {tables[0].dtype}")
-        if x.numel() and int(x.max()) >= t.shape[0]:
-            raise IndexError(f"embedding_concat: feature {f} has id {int(x.max())} but its table has only "
-                             f"{t.shape[0]} rows")
+    if torch.compiler.is_compiling():
+        return  # value checks need the data; a compiled graph cannot branch on it (F.embedding still checks)
+    # one device sync for all features rather than one per feature
+    present = [f for f, x in enumerate(ids) if x.numel()]
+    if present:
+        maxes = torch.stack([ids[f].max().to(device=ids[present[0]].device, dtype=torch.int64)
+                             for f in present]).tolist()
+        for f, top in zip(present, maxes):
+            if top >= tables[f].shape[0]:
+                raise IndexError(f"embedding_concat: feature {f} has id {top} but its table has only "
+                                 f"{tables[f].shape[0]} rows")
 
 
 def embedding_concat(ids: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], pooling: str = "mean") -> torch.Tensor:
@@ -84,13 +92,15 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengt
 
 
 def check_lengths(kv_lengths: torch.Tensor, batch: int, n: int, op: str) -> None:
+    """Validate kv_lengths: int [batch] with values in [0, n] (value check skipped while compiling)."""
     if kv_lengths.dim() != 1 or kv_lengths.shape[0] != batch:
         raise ValueError(f"{op}: kv_lengths must be [B] = [{batch}], got {tuple(kv_lengths.shape)}")
     if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
         raise TypeError(f"{op}: kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
-    if kv_lengths.numel() and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > n):
-        raise ValueError(f"{op}: kv_lengths must lie in [0, {n}], got [{int(kv_lengths.min())}, "
-                         f"{int(kv_lengths.max())}]")
+    if kv_lengths.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(kv_lengths)).tolist()  # one device sync
+        if lo < 0 or hi > n:
+            raise ValueError(f"{op}: kv_lengths must lie in [0, {n}], got [{lo}, {hi}]")
 
 
 def latent_cross_attention(latents: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,

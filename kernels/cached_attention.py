@@ -1,0 +1,336 @@
+"""Triton cross-attention over a padded K/V cache (grouped-query), with autograd and torch.library registration.
+
+Public entry point: :func:`cached_cross_attention` (same signature and semantics as
+:func:`userllm.kernels.reference.cached_cross_attention`). The two kernels here are also the engine of
+:mod:`userllm.kernels.latent_attention` (latents = queries with one head per KV head and, when shared,
+a batch stride of 0).
+
+Design
+------
+Forward (``_attn_fwd_kernel``), one program per (batch b, KV head, block of BLOCK_T query positions):
+  * The tile's rows are ``GROUP x BLOCK_T`` query rows: every query head of the KV head's group at every
+    position of the block (row r -> position t0 + r // GROUP, head kvh * GROUP + r % GROUP). Each K/V
+    block is therefore loaded once for the whole group, and even the T = 1 decode step gives
+    ``tl.dot`` an M dimension of GROUP (padded to >= 16) instead of 1.
+  * Keys are streamed in BLOCK_N blocks up to ``kv_lengths[b]`` only (the loop bound is the length, so
+    padded keys are never read and no mask tensor exists); online softmax in fp32 with exp2.
+  * A row with length 0 gets zeros. The per-row log-sum-exp (base 2) is saved for the backward pass.
+Backward (``_attn_bwd_kernel``), one program per (batch, KV head, block of BLOCK_N keys):
+  * loops over every query block, recomputes P from the saved LSE, accumulates dK and dV for its keys in
+    registers (the sum over the group's query heads happens inside the tile) and stores them once;
+  * dQ = dS K is accumulated with fp32 ``atomic_add``: at most ceil(len / BLOCK_N) programs (<= 4 at
+    the N <= 200 of this project) touch one dQ element, so contention is negligible and it saves a second
+    pass over K/V. Keys at positions >= len get exactly zero gradient.
+fp32 inputs use ``input_precision="ieee"`` dots (no TF32) so fp32 results match the reference to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_lengths
+
+#: True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation. UPCAST (interpreter only) works around the Triton interpreter's
+    wrong bf16 ``tl.dot`` (it multiplies the raw bit patterns); compiled kernels never take that branch."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, LENS,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, N, HQ, D,
+    GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    tblk = tl.program_id(2)
+    r = tl.arange(0, BLOCK_R)
+    t = tblk * BLOCK_T + r // GROUP
+    h = kvh * GROUP + r % GROUP
+    row_ok = (r < GROUP * BLOCK_T) & (t < T)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    b64 = b.to(tl.int64)
+
+    q_ptrs = Q + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # lengths are validated on the host; the clamp keeps memory safe when that check is skipped (graph capture)
+    kv_len = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), N)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    k_base = K + b64 * stride_kb + kvh * stride_kh
+    v_base = V + b64 * stride_vb + kvh * stride_vh
+    for n0 in range(0, kv_len, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_len
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        # every block holds at least one valid key (n0 < kv_len), so m_new is finite: no NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b64 * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(has_keys, m_i + tl.log2(l_safe), 0.0)
+    tl.store(LSE + (b64 * T + t) * HQ + h, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, LENS, DQ, DK, DV,
+    qk_scale, sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    T, N, HQ, D,
+    GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    nblk = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    kv_len = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), N)
+    n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < kv_len
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b64 * stride_kb + kvh * stride_kh + n[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + kvh * stride_vh + n[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    r = tl.arange(0, BLOCK_R)
+    # a key block entirely beyond the length only writes its zero gradient
+    num_t_blocks = tl.where(nblk * BLOCK_N < kv_len, tl.cdiv(T, BLOCK_T), 0)
+    for tblk in range(0, num_t_blocks):
+        t = tblk * BLOCK_T + r // GROUP
+        h = kvh * GROUP + r % GROUP
+        row_ok = (r < GROUP * BLOCK_T) & (t < T)
+        row_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b64 * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=row_mask, other=0.0)
+        do = tl.load(DO + b64 * stride_dob + t[:, None] * stride_dot + h[:, None] * stride_doh + d[None, :],
+                     mask=row_mask, other=0.0)
+        stat = (b64 * T + t) * HQ + h
+        lse = tl.load(LSE + stat, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        s = _mm(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & n_ok[None, :], p, 0.0)
+        dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST)
+        dp = _mm(do, tl.trans(v), DOT_PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST)
+        dq = _mm(ds.to(k.dtype), k, DOT_PRECISION, UPCAST) * sm_scale
+        tl.atomic_add(DQ + ((b64 * T + t[:, None]) * HQ + h[:, None]) * D + d[None, :], dq, mask=row_mask)
+
+    out_mask = (n < N)[:, None] & d_ok[None, :]
+    tl.store(DK + b64 * stride_dkb + kvh * stride_dkh + n[:, None] * stride_dkn + d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + b64 * stride_dvb + kvh * stride_dvh + n[:, None] * stride_dvn + d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def _blocks(group: int, t: int, d: int, n: int) -> dict:
+    """Tile sizes: rows = GROUP x BLOCK_T query rows (>= 16 for tl.dot), keys in BLOCK_N >= 16 blocks."""
+    block_t = max(1, min(triton.next_power_of_2(t), 64 // group if group <= 64 else 1))
+    block_r = max(16, triton.next_power_of_2(group * block_t))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = max(16, min(64 if block_d <= 64 else 32, triton.next_power_of_2(n)))
+    return dict(GROUP=group, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # TF32 would cost fp32 inputs ~1e-3 relative error; half-precision inputs ignore the setting
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _q_strides(q: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, position, head) strides of q [B, T, H, D] or of shared q [T, H, D] (batch stride 0)."""
+    if q.dim() == 3:
+        return 0, q.stride(0), q.stride(1)
+    return q.stride(0), q.stride(1), q.stride(2)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    q: [B, T, Hq, D], or [T, Hq, D] shared by the batch (read with batch stride 0, never expanded).
+    k, v: [B, N, Hkv, D] with Hq % Hkv == 0; kv_lengths int [B] (validated by the caller).
+    Returns (out [B, T, Hq, D] in q's dtype, lse fp32 [B, T, Hq] in base 2).
+    """
+    q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
+    B, N, Hkv, D = k.shape
+    T, Hq = q.shape[-3], q.shape[-2]
+    out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, T, Hq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    blocks = _blocks(Hq // Hkv, T, D, N)
+    grid = (B, Hkv, triton.cdiv(T, blocks["BLOCK_T"]))
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, kv_lengths.contiguous(), scale * LOG2E,
+        *_q_strides(q), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), T, N, Hq, D,
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4, **blocks,
+    )
+    return out, lse
+
+
+def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel; shapes as in :func:`attention_forward`, grad like out.
+
+    Returns (dq, dk, dv). For a shared q [T, Hq, D] dq is the sum over the batch of per-batch partials
+    (accumulated in an fp32 [B, T, Hq, D] buffer, then one deterministic ``sum(0)``: the buffer is small
+    next to K/V since T is the number of latents, and it keeps the atomics' contention per (b, head)).
+    """
+    q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
+    grad = _inner_contiguous(grad)
+    B, N, Hkv, D = k.shape
+    T, Hq = q.shape[-3], q.shape[-2]
+    dq_acc = torch.zeros((B, T, Hq, D), dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if B * T * Hq * D and N:
+        delta = (grad.float() * out.float()).sum(-1).contiguous()  # [B, T, Hq] = rowsum(dO * O)
+        blocks = _blocks(Hq // Hkv, T, D, N)
+        grid = (B, Hkv, triton.cdiv(N, blocks["BLOCK_N"]))
+        _attn_bwd_kernel[grid](
+            q, k, v, grad, lse, delta, kv_lengths.contiguous(), dq_acc, dk, dv,
+            scale * LOG2E, scale,
+            *_q_strides(q), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            grad.stride(0), grad.stride(1), grad.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2), T, N, Hq, D,
+            DOT_PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4, **blocks,
+        )
+    else:
+        dk.zero_()
+        dv.zero_()
+    dq = dq_acc.sum(0) if q.dim() == 3 else dq_acc
+    return dq.to(q.dtype), dk, dv
+
+
+def check_lengths_unless_capturing(kv_lengths: torch.Tensor, batch: int, n: int, op: str) -> None:
+    """The reference's kv_lengths check (one host sync), skipped while a CUDA graph is being captured (a
+    sync is illegal there); the kernels clamp lengths to [0, N] so a bad length can never read out of bounds."""
+    if kv_lengths.is_cuda and torch.cuda.is_current_stream_capturing():
+        if kv_lengths.dim() != 1 or kv_lengths.shape[0] != batch:
+            raise ValueError(f"{op}: kv_lengths must be [B] = [{batch}], got {tuple(kv_lengths.shape)}")
+        return
+    check_lengths(kv_lengths, batch, n, op)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> None:
+    """Shape/dtype checks that need no device sync (safe while torch.compile traces the caller)."""
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{op}: k and v must both be [B, N, H, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dim() != 4 and not (q.dim() == 3 and op == "latent_cross_attention"):
+        raise ValueError(f"{op}: bad query shape {tuple(q.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-2] % k.shape[2] != 0 or (q.dim() == 4 and q.shape[0] != k.shape[0]):
+        raise ValueError(f"{op}: queries {tuple(q.shape)} do not match keys {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: q, k, v must be on one device")
+
+
+# ------------------------------------------------------------------------------- torch.library registration
+
+@torch.library.custom_op("userllm::triton_cached_cross_attention", mutates_args=())
+def _cached_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_lengths_unless_capturing(kv_lengths, k_cache.shape[0], k_cache.shape[1], "cached_cross_attention")
+    return attention_forward(q, k_cache, v_cache, kv_lengths.to(q.device), scale)
+
+
+@_cached_op.register_fake
+def _(q, k_cache, v_cache, kv_lengths, scale):
+    B, T, Hq, D = q.shape
+    return q.new_empty((B, T, Hq, D)), q.new_empty((B, T, Hq), dtype=torch.float32)
+
+
+@torch.library.custom_op("userllm::triton_attention_backward", mutates_args=())
+def _attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           kv_lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(grad, q, k, v, kv_lengths.to(q.device), out, lse, scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, kv_lengths, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lengths, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, kv_lengths, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, kv_lengths, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.userllm.triton_attention_backward(grad_out, q, k, v, kv_lengths, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_cached_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cached_cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """Triton version of :func:`userllm.kernels.reference.cached_cross_attention`.
+
+    q: [B, T, Hq, D]; k_cache, v_cache: [B, N, Hkv, D], Hq % Hkv == 0; kv_lengths: int [B] in [0, N].
+    Returns [B, T, Hq, D] in q's dtype; differentiable w.r.t. q, k_cache and v_cache.
+    """
+    check_attention_inputs(q, k_cache, v_cache, "cached_cross_attention")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.userllm.triton_cached_cross_attention(q, k_cache, v_cache, kv_lengths, scale)[0]

@@ -1,0 +1,395 @@
+"""User-LLM against the TextPrompt baseline at several history lengths: tokens, FLOPs, time, memory, energy.
+
+    python -m userllm.profiling.compare                      # lengths 50 100 200, synthetic data
+    python -m userllm.profiling.compare --tiny --lengths 10 20 --steps 1 --new-tokens 4 --out /tmp/cmp
+
+For every history length L it takes B users with exactly L events before their target and runs, for
+both methods on the same examples, with the same LLM (same initial weights):
+
+* a few training steps (forward + backward + AdamW; every parameter trainable): FLOPs measured on one
+  step with :class:`~userllm.profiling.flops.ComponentFlopCounter`, wall/CPU/GPU time and peak memory
+  over ``--steps`` more, NVML power/energy while they run;
+* inference: prefill + ``--new-tokens`` greedy tokens with a KV cache (``generate``); the prefill alone
+  is run too, so the per-token decode cost is (full - prefill) / (new tokens - 1).
+
+Each configuration writes ``RUN/<method>_L<L>/profile.json``; :mod:`userllm.profiling.report` then builds
+``report.md``, ``report.json`` and the PNG plots from them (the paper's Table 3 from measured counts,
+next to the analytic estimate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from userllm.errors import UserError
+from userllm.utils.atomic import write_json
+
+from .flops import (ComponentFlopCounter, FlopBreakdown, PassShape, analytic_generation, analytic_userllm,
+                    flops_summary, model_components)
+from .gpu import GpuSampler
+from .timing import Timer, synchronize
+from .tokens import dataset_tokens, full_window_examples, summarize
+
+SCHEMA = "userllm.profile/1"
+PROFILE_FILE = "profile.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reusable pieces (also used by `python -m userllm.train --profile`)
+# ----------------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Device name, library versions and the git commit, for every profile and benchmark."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on CPU-only machines
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {"device": str(dev), "device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "commit": commit, "cpu_threads": torch.get_num_threads()}
+
+
+def _measure(fn: Callable[[], Any], device: torch.device, repeats: int, interval_s: float) -> dict[str, Any]:
+    """Run ``fn`` ``repeats`` times, each under its own Timer, all under one GPU sampler.
+
+    Per-call figures are medians over the repeats (robust to a busy machine); ``wall_s_all`` keeps
+    every call; energy is the sampled total divided by the number of calls.
+    """
+    import statistics
+
+    results = []
+    with GpuSampler(interval_s=interval_s) as sampler:
+        for _ in range(max(repeats, 1)):
+            with Timer(device) as t:
+                fn()
+            results.append(t.result)
+    g = sampler.report()
+    n = len(results)
+    peak = [r.peak_mem_bytes for r in results if r.peak_mem_bytes is not None]
+    rss = [r.peak_rss_bytes for r in results if r.peak_rss_bytes is not None]
+    return {
+        "repeats": n, "wall_s": statistics.median(r.wall_s for r in results),
+        "wall_s_min": min(r.wall_s for r in results), "wall_s_all": [r.wall_s for r in results],
+        "device_s": statistics.median(r.device_s for r in results),
+        "cpu_s": statistics.median(r.cpu_s for r in results),
+        "peak_mem_bytes": max(peak) if peak else None, "peak_rss_bytes": max(rss) if rss else None,
+        "rss_peak_scope": results[0].rss_peak_scope,
+        "gpu": g.to_dict(), "energy_j": None if g.energy_j is None else g.energy_j / n,
+        "energy": "n/a (no NVIDIA GPU)" if not g.available else (
+            "n/a (energy not supported by this GPU)" if g.energy_j is None else f"{g.energy_j / n:.3g} J"),
+    }
+
+
+def profile_training_step(step_fn: Callable[[], Any], model: nn.Module, *, device: torch.device | str = "cpu",
+                          steps: int = 3, tokens_per_step: int | None = None,
+                          analytic: FlopBreakdown | dict | None = None,
+                          sampler_interval_s: float = 0.05) -> dict[str, Any]:
+    """Profile a training step: FLOPs per component on one call, then time/memory/energy over ``steps``.
+
+    step_fn: one full training step (forward, backward, optimizer step) on the next batch; it is called
+        ``1 + steps`` times (these are real steps: the caller counts them as training steps).
+    model: the UserLLM or the plain LLM being trained (its components are found by structure).
+    tokens_per_step: LLM input tokens per step (for tokens/s); analytic: the analytic FLOPs to record.
+    Returns the ``train_step`` section of ``profile.json``.
+    """
+    device = torch.device(device)
+    comps, methods = model_components(model)
+    synchronize(device)
+    with ComponentFlopCounter(comps, methods=methods) as counter:
+        step_fn()
+    synchronize(device)
+    out: dict[str, Any] = {"flops": {"measured": flops_summary(counter)}}
+    if analytic is not None:
+        out["flops"]["analytic"] = analytic.to_dict() if isinstance(analytic, FlopBreakdown) else dict(analytic)
+    if steps > 0:
+        timing = _measure(step_fn, device, steps, sampler_interval_s)
+        out["timing"] = timing
+        if tokens_per_step:
+            out["tokens_per_s"] = tokens_per_step / timing["wall_s"]
+    out["tokens_per_step"] = tokens_per_step
+    return out
+
+
+def write_profile(run_dir: str | Path, **sections: Any) -> Path:
+    """Merge ``sections`` (e.g. ``train_step=...``, ``inference=...``, ``run=...``) into ``run_dir/profile.json``.
+
+    The file is written atomically; sections already there and not given are kept.
+    """
+    path = Path(run_dir) / PROFILE_FILE
+    data: dict[str, Any] = {}
+    if path.is_file():
+        data = json.loads(path.read_text())
+    data.update({k: v for k, v in sections.items() if v is not None})
+    data["schema"] = SCHEMA
+    write_json(path, data)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The comparison
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class CompareConfig:
+    dataset: str = "synthetic"
+    path: str | None = None
+    llm: str | None = None
+    task: str = "nextitem"
+    lengths: list[int] = field(default_factory=lambda: [50, 100, 200])
+    batch_size: int = 4
+    steps: int = 3
+    new_tokens: int = 16
+    integration: str = "xattn"
+    perceiver_latents: int = 16
+    task_prompt_len: int = 8
+    encoder_dim: int = 64
+    encoder_layers: int = 2
+    tiny: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/compare"
+    sampler_interval_s: float = 0.05
+
+
+def _load_data(cfg: CompareConfig):
+    from userllm.data.dataset import load_dataset
+    from userllm.data.synthetic import SyntheticConfig
+
+    if cfg.dataset == "synthetic":
+        n = max(cfg.lengths) + 2        # every user has a full window at every length (test target + val)
+        syn = SyntheticConfig(num_users=max(cfg.batch_size, 8), num_items=400 if not cfg.tiny else 120,
+                              min_events=n, max_events=n, seed=cfg.seed)
+        return load_dataset("synthetic", synthetic=syn, use_cache=False)
+    return load_dataset(cfg.dataset, cfg.path)
+
+
+def _build_models(cfg: CompareConfig, ds):
+    from userllm.encoders import EncoderConfig, build_encoder
+    from userllm.integration import UserLLM, UserLLMConfig
+    from userllm.llm import DefaultLLMConfig, load_llm
+    from userllm.data.dataset import default_cache_dir
+    from userllm.text_prompt import corpus_texts
+
+    if cfg.llm:
+        llm, tok = load_llm(cfg.llm)
+    else:
+        llm_cfg = DefaultLLMConfig()
+        if cfg.tiny:
+            llm_cfg = DefaultLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=1024)
+        llm, tok = load_llm(None, texts=corpus_texts(ds), cache_dir=default_cache_dir(), seed=cfg.seed,
+                            default_config=llm_cfg)
+    max_pos = getattr(llm.config, "max_position_embeddings", None)
+    torch.manual_seed(cfg.seed)
+    enc_cfg = EncoderConfig(feature_specs=ds.feature_specs, d_model=cfg.encoder_dim if not cfg.tiny else 32,
+                            n_layers=cfg.encoder_layers if not cfg.tiny else 1, n_heads=2, dropout=0.0,
+                            max_len=max(max(cfg.lengths), 8))
+    encoder = build_encoder("ar", enc_cfg)
+    ucfg = UserLLMConfig(integration=cfg.integration, perceiver_latents=cfg.perceiver_latents,
+                         task_prompt_len=cfg.task_prompt_len, dropout=0.0)
+    userllm = UserLLM(copy.deepcopy(llm), encoder, ucfg)
+    return {"userllm": userllm, "textprompt": llm}, tok, max_pos
+
+
+def _forward_kwargs(method: str, batch) -> dict[str, Any]:
+    kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if method == "userllm":
+        kw.update(features=batch.events.features, lengths=batch.events.lengths)
+    return kw
+
+
+def run_configuration(cfg: CompareConfig, ds, tok, model: nn.Module, method: str, length: int,
+                      device: torch.device, run_dir: Path, env: dict[str, Any]) -> dict[str, Any]:
+    """Profile one (method, history length): training steps and inference; writes ``run_dir/profile.json``."""
+    from userllm.data.examples import collate
+    from userllm.llm_data import LLMBatcher
+
+    ex = full_window_examples(ds, cfg.task, length, "test", limit=cfg.batch_size)
+    if len(ex) < cfg.batch_size:
+        raise UserError(f"history length {length}: only {len(ex)} users of {ds.name!r} have {length} events "
+                        f"before their test target; need --batch-size {cfg.batch_size}")
+    events = collate(ds, ex, list(range(len(ex))))
+    batcher = LLMBatcher(ds, tok, cfg.task, text_events=None if method == "textprompt" else 0,
+                         with_events=method == "userllm")
+    train = batcher.train_batch(events).to(device)
+    prompt = batcher.prompt_batch(events).to(device)
+    counts = dataset_tokens(ds, tok, cfg.task, ex.start, ex.target, method, integration=cfg.integration,
+                            perceiver_latents=cfg.perceiver_latents, task_prompt_len=cfg.task_prompt_len)
+    B, T = train.input_ids.shape
+    L = length if method == "userllm" else 0
+
+    # ---- training ----
+    model.to(device).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    kw = _forward_kwargs(method, train)
+
+    def step():
+        loss = model(**kw, labels=train.labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    analytic_train = analytic_userllm(model, PassShape(B, T, L), phase="train")
+    n_tokens = int(train.attention_mask.sum())
+    train_section = profile_training_step(step, model, device=device, steps=cfg.steps, tokens_per_step=n_tokens,
+                                          analytic=analytic_train, sampler_interval_s=cfg.sampler_interval_s)
+    train_section["shape"] = {"batch": B, "text_len": T, "n_events": L}
+    del opt
+
+    # ---- inference: prefill (+ first token) and prefill + new_tokens ----
+    model.eval()
+    pkw = _forward_kwargs(method, prompt)
+    pad = tok.pad_token_id
+
+    def gen(n: int):
+        with torch.no_grad():
+            return model.generate(**pkw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                                  pad_token_id=pad)
+
+    comps, methods = model_components(model)
+    measured = {}
+    for name, n in (("prefill", 1), ("generate", cfg.new_tokens)):
+        synchronize(device)
+        with ComponentFlopCounter(comps, methods=methods) as counter:
+            out = gen(n)
+        synchronize(device)
+        measured[name] = flops_summary(counter)
+        if name == "generate":
+            produced = out.shape[1] - prompt.input_ids.shape[1]
+            if produced != n:
+                raise RuntimeError(f"{method}: generate produced {produced} tokens instead of {n}")
+    P = prompt.input_ids.shape[1]
+    a_prefill, a_steps = analytic_generation(model, B, P, L, cfg.new_tokens)
+    a_total = a_prefill
+    for s in a_steps:
+        a_total = a_total + s
+    gen(1)                                                    # warm-up (allocator, caches)
+    t_prefill = _measure(lambda: gen(1), device, max(cfg.steps, 1), cfg.sampler_interval_s)
+    t_full = _measure(lambda: gen(cfg.new_tokens), device, max(cfg.steps, 1), cfg.sampler_interval_s)
+    # min over repeats: the least-disturbed run of each (a difference of medians can go negative on a busy host)
+    per_tok = max(t_full["wall_s_min"] - t_prefill["wall_s_min"], 0.0) / max(cfg.new_tokens - 1, 1)
+    decode_measured = {k: (measured["generate"]["components"].get(k, {}).get("total", 0)
+                           - v.get("total", 0)) / max(cfg.new_tokens - 1, 1)
+                       for k, v in measured["prefill"]["components"].items()}
+    inference = {
+        "new_tokens": cfg.new_tokens,
+        "shape": {"batch": B, "prompt_len": P, "n_events": L},
+        "flops": {
+            "prefill": {"measured": measured["prefill"], "analytic": a_prefill.to_dict()},
+            "generate": {"measured": measured["generate"], "analytic": a_total.to_dict()},
+            "decode_per_token": {"measured": {**decode_measured, "total": sum(decode_measured.values())},
+                                 "analytic": (a_steps[0] if a_steps else FlopBreakdown()).to_dict()},
+        },
+        "timing": {"prefill": t_prefill, "generate": t_full, "decode_per_token_s": per_tok},
+    }
+    run = {"method": method, "history_length": length, "batch_size": B, "task": cfg.task, "dataset": ds.name,
+           "integration": cfg.integration if method == "userllm" else None,
+           "perceiver_latents": cfg.perceiver_latents if method == "userllm" else None,
+           "task_prompt_len": cfg.task_prompt_len if method == "userllm" else None,
+           "llm": cfg.llm or "<default>", "llm_params": int(sum(p.numel() for p in model.parameters())),
+           "tiny": cfg.tiny, **env}
+    tokens = {**summarize(counts), "per_example": [c.to_dict() for c in counts]}
+    write_profile(run_dir, run=run, tokens=tokens, train_step=train_section, inference=inference)
+    model.to("cpu")
+    return {"run": run, "tokens": tokens, "train_step": train_section, "inference": inference}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return dev
+
+
+def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> Path:
+    """Run every configuration, then write the report; returns the output directory."""
+    from .report import build_report
+
+    if not cfg.lengths or min(cfg.lengths) < 1:
+        raise UserError("--lengths must be positive integers")
+    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.new_tokens < 2:
+        raise UserError("need --batch-size >= 1, --steps >= 0 and --new-tokens >= 2")
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    ds = _load_data(cfg)
+    models, tok, max_pos = _build_models(cfg, ds)
+    env = environment(device)
+    write_json(out / "compare_config.json", asdict(cfg))
+    run_dirs = []
+    for L in sorted(cfg.lengths):
+        for method in ("userllm", "textprompt"):
+            progress(f"[compare] history {L}: {method} ...")
+            run_dir = out / "runs" / f"{method}_L{L}"
+            # each configuration starts from the same weights
+            model = copy.deepcopy(models[method])
+            res = run_configuration(cfg, ds, tok, model, method, L, device, run_dir, env)
+            if max_pos and res["inference"]["shape"]["prompt_len"] + cfg.new_tokens > max_pos:
+                progress(f"[compare] warning: {method} at {L} exceeds the LLM's {max_pos} positions")
+            run_dirs.append(run_dir)
+            del model
+    report = build_report(run_dirs, out)
+    progress(f"[compare] report: {report}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    d = CompareConfig()
+    ap = argparse.ArgumentParser(prog="python -m userllm.profiling.compare",
+                                 description="Profile User-LLM against TextPrompt at several history lengths.")
+    ap.add_argument("--dataset", default=d.dataset, help="synthetic | movielens | amazon | google_local")
+    ap.add_argument("--path", default=None, help="the dataset's files (real datasets)")
+    ap.add_argument("--llm", default=None, help="a local Hugging Face causal LM directory (default: embedded tiny Llama)")
+    ap.add_argument("--task", default=d.task, choices=["nextitem", "favgenre"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=d.lengths, help="history lengths (events)")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--steps", type=int, default=d.steps, help="timed training steps / inference repeats")
+    ap.add_argument("--new-tokens", type=int, default=d.new_tokens, help="generated tokens after the prefill")
+    ap.add_argument("--integration", default=d.integration, choices=["xattn", "softprompt"])
+    ap.add_argument("--perceiver-latents", type=int, default=d.perceiver_latents, help="0 = no Perceiver")
+    ap.add_argument("--task-prompt-len", type=int, default=d.task_prompt_len)
+    ap.add_argument("--tiny", action="store_true", help="tiny LLM and encoder (fast CPU runs, tests)")
+    ap.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=d.out, help="report directory")
+    args = ap.parse_args(argv)
+    cfg = CompareConfig(**{k: v for k, v in vars(args).items()})
+    run_compare(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    from userllm.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,145 @@
+"""embedding_concat: Triton kernels (interpreted on CPU when there is no GPU) and the native op against the
+reference.
+
+Single- and multi-valued features, int32/int64 ids, padding ids (including events whose K ids are all
+padding), L = 1, B = 1, tiny tables hit by every event (the backward's segment reduction across many
+chunks), mean and sum pooling, fp32/bf16/fp16; forward and table gradients; out-of-range ids raise.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of the Triton kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from userllm import kernels  # noqa: E402
+from userllm.kernels import dispatch, reference  # noqa: E402
+from userllm.kernels.embedding import INTERPRETED, embedding_concat as triton_embedding_concat  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _triton_runs_here():
+    if DEVICE == "cpu" and not INTERPRETED:
+        pytest.fail("the Triton kernels were imported without TRITON_INTERPRET=1 before this module; "
+                    "run tests/kernels in its own pytest process")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, ||b|| floored at an rms of 0.01 (rows never looked up have zero gradient)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(0.01 * b.numel() ** 0.5)).item()
+
+
+def make_features(B, L, specs, dtype, seed=0, device=DEVICE):
+    """specs: (V, D, K or None, id dtype) per feature; ids in [-1, V) with ~20% padding for K features."""
+    g = torch.Generator().manual_seed(seed)
+    ids, tables = [], []
+    for V, D, K, id_dtype in specs:
+        shape = (B, L) if K is None else (B, L, K)
+        x = torch.randint(0, V, shape, generator=g)
+        if K is not None:
+            x[torch.rand(shape, generator=g) < 0.2] = -1
+            x[0, 0] = -1                      # an event with no valid id: zeros
+            if L > 1:
+                x[-1, -1, : K // 2] = -7      # any negative id is padding
+        ids.append(x.to(device, id_dtype))
+        tables.append(torch.randn(V, D, generator=g).to(device, dtype))
+    return ids, tables
+
+
+CASES = {  # name: (B, L, feature specs)
+    "paper_like": (3, 7, [(50, 24, None, torch.int64), (3, 8, None, torch.int32), (7, 16, 4, torch.int64)]),
+    "tiny_table_hot": (4, 30, [(2, 8, None, torch.int64), (5, 4, 3, torch.int32)]),  # runs span many chunks
+    "single_event": (1, 1, [(9, 16, 2, torch.int64), (4, 40, None, torch.int64)]),  # B = L = 1
+}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_match_reference(case, dtype, pooling):
+    B, L, specs = CASES[case]
+    ids, tables = make_features(B, L, specs, dtype, seed=len(case))
+    leaves = [t.clone().requires_grad_() for t in tables]
+    ref_leaves = [t.detach().float().requires_grad_() for t in tables]
+    out = triton_embedding_concat(ids, leaves, pooling)
+    ref = reference.embedding_concat(ids, ref_leaves, pooling)
+    assert out.shape == (B, L, sum(s[1] for s in specs)) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = torch.autograd.grad(out, leaves, grad.to(dtype))
+    want = torch.autograd.grad(ref, ref_leaves, grad)
+    for f, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == dtype, f
+        assert rel_err(a, b) < TOL[dtype], f
+
+
+def test_fp16_and_all_padding_event():
+    ids, tables = make_features(2, 3, [(6, 16, 3, torch.int64)], torch.float16)
+    ids[0][1, 2] = -1
+    out = triton_embedding_concat(ids, tables)
+    assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))  # every id of event (0, 0) is padding
+    assert torch.equal(out[1, 2], torch.zeros_like(out[1, 2]))
+    assert rel_err(out, reference.embedding_concat(ids, [t.float() for t in tables])) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "native"])
+def test_out_of_range_id_names_the_feature(backend):
+    if backend == "native" and not dispatch.native_available(torch.device(DEVICE).type):
+        pytest.skip("native kernel library not built")
+    ids, tables = make_features(2, 3, [(5, 8, None, torch.int64), (4, 8, 2, torch.int32)], torch.float32)
+    ids[1][1, 2, 1] = 4
+    with kernels.use_backend(backend), pytest.raises(IndexError, match="feature 1"):
+        kernels.embedding_concat(ids, tables)
+
+
+def test_native_matches_reference():
+    if not dispatch.native_available("cpu"):
+        pytest.skip("native kernel library not built")
+    ids, tables = make_features(3, 5, CASES["paper_like"][2], torch.float32, device="cpu")
+    leaves = [t.clone().requires_grad_() for t in tables]
+    with kernels.use_backend("native"):
+        out = kernels.embedding_concat(ids, leaves)
+    ref = reference.embedding_concat(ids, tables)
+    assert rel_err(out, ref) < 1e-5
+    grads = torch.autograd.grad(out.sum(), leaves)
+    want = torch.autograd.grad(reference.embedding_concat(ids, leaves).sum(), leaves)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, want))
+
+
+def test_opcheck():
+    ids, tables = make_features(2, 3, [(6, 16, None, torch.int64), (5, 8, 3, torch.int32)], torch.float32)
+    args = (ids, [t.requires_grad_() for t in tables], "mean")
+    torch.library.opcheck(torch.ops.userllm.triton_embedding_concat.default, args)
+
+
+class _FeatureEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tables = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(20, 16)),
+                                              torch.nn.Parameter(torch.randn(4, 8))])
+        self.proj = torch.nn.Linear(24, 8)
+
+    def forward(self, items, genres):
+        return self.proj(kernels.embedding_concat([items, genres], list(self.tables)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_torch_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    model = _FeatureEmbedding().to(DEVICE)
+    ids, _ = make_features(2, 5, [(20, 16, None, torch.int64), (4, 8, 3, torch.int64)], torch.float32)
+    with kernels.use_backend(backend):
+        eager = model(*ids)
+        g_eager = torch.autograd.grad(eager.square().sum(), list(model.tables))
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(*ids)
+        g_comp = torch.autograd.grad(out.square().sum(), list(model.tables))
+    assert rel_err(out, eager) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(g_comp, g_eager))
