@@ -193,10 +193,37 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return _fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _fused_attention_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """Triton cached/latent cross-attention forward: q [B, T, Hq, D] (latents may be [M, H, D]) over
+    k, v [B, N, Hkv, D]; counted as SDPA with the KV heads repeated to Hq (what the math does)."""
+    B, N = k_shape[0], k_shape[1]
+    T, Hq, D = q_shape[-3], q_shape[-2], q_shape[-1]
+    return _fc.sdpa_flop_count((B, Hq, T, D), (B, Hq, N, D), (B, Hq, N, D))
+
+
+def _fused_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    B, T, Hq, D = grad_shape
+    N = k_shape[1]
+    return _fc.sdpa_backward_flop_count((B, Hq, T, D), (B, Hq, T, D), (B, Hq, N, D), (B, Hq, N, D))
+
+
+# The Triton ops of userllm.kernels (registered when their modules load, i.e. on first CUDA use).
+_FUSED_ATTENTION_OPS = {
+    "triton_cached_cross_attention": _fused_attention_flop,
+    "triton_latent_cross_attention": _fused_attention_flop,
+    "triton_attention_backward": _fused_attention_backward_flop,
+    "triton_latent_attention_backward": _fused_attention_backward_flop,
+}
+
+
 def extra_flop_formulas() -> dict[Any, Any]:
     """Formulas torch's registry lacks: the CPU fused SDPA kernel (what ``F.scaled_dot_product_attention``
-    dispatches to on CPU) and its backward. Without them attention on CPU would count as 0 FLOPs."""
+    dispatches to on CPU) and its backward, and the Triton attention ops of :mod:`userllm.kernels`.
+    Without them attention on CPU, or through the fused kernels, would count as 0 FLOPs."""
     out: dict[Any, Any] = {}
+    for name, formula in _FUSED_ATTENTION_OPS.items():
+        if hasattr(torch.ops.userllm, name):
+            out[getattr(torch.ops.userllm, name)] = formula
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if fwd is not None and fwd not in _fc.flop_registry:

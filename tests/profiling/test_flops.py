@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -132,3 +134,38 @@ def test_breakdown_arithmetic():
     a, b = FlopBreakdown({"llm": 10, "encoder": 2}), FlopBreakdown({"llm": 1, "xattn": 3})
     assert (a + b).to_dict() == {"llm": 11, "encoder": 2, "xattn": 3, "total": 16}
     assert a.scaled(0.5).components == {"llm": 5, "encoder": 1}
+
+
+def test_fused_attention_ops_are_counted_like_sdpa():
+    """The Triton attention ops count what SDPA counts for the same problem, forward and backward (both
+    recompute the scores in the backward, flash-style, so the backward is 2.5x the forward).
+
+    Run on fake tensors: the ops' registered fake implementations stand in for the kernels, so this
+    checks the FLOP formulas and their registration without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from userllm.kernels.cached_attention import cached_cross_attention as triton_cached
+    from userllm.kernels.latent_attention import latent_cross_attention as triton_latent
+
+    B, T, Hq, Hkv, N, D = 2, 3, 4, 2, 5, 16
+    lengths = [5, 2]
+
+    def count(fn, fake):
+        with FakeTensorMode() if fake else contextlib.nullcontext():
+            q = torch.randn(B, T, Hq, D, requires_grad=True)
+            k = torch.randn(B, N, Hkv, D, requires_grad=True)
+            with ComponentFlopCounter() as counter:
+                fn(q, k, torch.tensor(lengths)).sum().backward()
+        return counter.get_total_flops()
+
+    def sdpa(q, k, n):
+        kk = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
+        mask = (torch.arange(N)[None, :] < n[:, None])[:, None, None, :]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kk, kk, attn_mask=mask)
+
+    expected = count(sdpa, fake=False)
+    assert expected > 0
+    assert count(lambda q, k, n: triton_cached(q, k, k, n), fake=True) == expected
+    # Perceiver: T latents per head shared by the batch, one query head per KV head.
+    assert count(lambda q, k, n: triton_latent(q[0, :, :Hkv], k, k, n), fake=True) == count(
+        lambda q, k, n: sdpa(q[:, :, :Hkv], k, n), fake=False)
