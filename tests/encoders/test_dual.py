@@ -1,0 +1,110 @@
+"""DualEncoder: user-tower shapes and masking, both fusions, both negative modes, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from userllm.encoders import DualEncoder, DualEncoderConfig, build_encoder, load_encoder, save_encoder
+
+SPECS = [dict(name="item", num_embeddings=30, multi_valued=False),
+         dict(name="category", num_embeddings=7, multi_valued=True)]
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is fastest, and the 2 cores are shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+def make_encoder(seed=0, **kw) -> DualEncoder:
+    torch.manual_seed(seed)
+    cfg = DualEncoderConfig(SPECS, d_model=16, n_layers=1, n_heads=2, dropout=0.0, max_len=12, **kw)
+    return DualEncoder(cfg).eval()
+
+
+def make_batch(lengths=(6, 3, 2, 5), L=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    pad = torch.arange(L)[None] >= lengths[:, None]
+    item = torch.randint(1, 30, (len(lengths), L), generator=g).masked_fill(pad, -1)
+    cat = torch.randint(1, 7, (len(lengths), L, 2), generator=g).masked_fill(pad[..., None], -1)
+    return [item, cat], lengths
+
+
+@pytest.mark.parametrize("fusion,k", [("attention", 3), ("last", 2), ("attention", 1)])
+def test_user_tower_shape_and_padding_invariance(fusion, k):
+    enc = make_encoder(fusion=fusion, num_user_embeddings=k)
+    feats, lengths = make_batch()
+    out = enc(feats, lengths)
+    assert out.embeddings.shape == (4, k, 16) and out.mask.shape == (4, k) and out.mask.all()
+    noisy = [x.clone() for x in feats]
+    pad = torch.arange(6)[None] >= lengths[:, None]
+    noisy[0][pad] = 5
+    noisy[1][pad] = 2
+    assert torch.allclose(enc(noisy, lengths).embeddings, out.embeddings, atol=1e-6)
+    assert enc.score_next(feats, lengths).shape == (4, 30)
+
+
+@pytest.mark.parametrize("negatives", ["in_batch", "sampled"])
+def test_loss_is_finite_and_trains(negatives):
+    enc = make_encoder(negatives=negatives, num_negatives=16, num_user_embeddings=2).train()
+    feats, lengths = make_batch(lengths=(6, 5, 4, 6, 3, 6), seed=2)
+    feats[0][:, :] = torch.where(feats[0] >= 0, feats[0] % 6 + 1, -1)  # a small label set
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss, per = enc.next_event_loss(feats, lengths)
+        assert torch.isfinite(loss) and set(per) == {"item"}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_in_batch_loss_matches_hand_computation():
+    enc = make_encoder(temperature=0.5)
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    rows = torch.arange(4)
+    feats[0][rows, lengths - 1] = torch.tensor([4, 9, 4, 0])            # a duplicate label and an UNK one
+    loss, _ = enc.next_event_loss(feats, lengths)
+    history, hist_len, label = enc.split_history(feats, lengths)
+    assert hist_len.tolist() == [5, 2, 1, 4] and label.tolist() == [4, 9, 4, 0]
+    assert all((x[rows, lengths - 1] == -1).all() for x in history)
+    keep = torch.tensor([0, 1, 2])
+    u = F.normalize(enc([x[keep] for x in history], hist_len[keep]).embeddings, dim=-1)[:, 0]
+    v = F.normalize(enc.label_embeddings(torch.tensor([4, 9, 4])), dim=-1)
+    logits = u @ v.t() / 0.5
+    logits[0, 2] = logits[2, 0] = float("-inf")                          # same item: not a negative
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(3)), atol=1e-5)
+
+
+def test_sampled_negatives_exclude_unk_and_follow_torch_rng():
+    enc = make_encoder(negatives="sampled", num_negatives=8)
+    feats, lengths = make_batch()
+    torch.manual_seed(7)
+    a, _ = enc.next_event_loss(feats, lengths)
+    torch.manual_seed(7)
+    b, _ = enc.next_event_loss(feats, lengths)
+    assert torch.equal(a, b)
+
+
+def test_save_load_roundtrip(tmp_path):
+    enc = make_encoder(fusion="last", num_user_embeddings=2, negatives="sampled")
+    save_encoder(enc, tmp_path / "dual.safetensors")
+    again = load_encoder(tmp_path / "dual.safetensors")
+    assert isinstance(again, DualEncoder) and again.config.fusion == "last"
+    feats, lengths = make_batch()
+    assert torch.equal(again(feats, lengths).embeddings, enc(feats, lengths).embeddings)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="fusion"):
+        build_encoder("dual", dict(feature_specs=SPECS, fusion="mean"))
+    with pytest.raises(ValueError, match="label_feature"):
+        build_encoder("dual", dict(feature_specs=SPECS, label_feature="rating"))

@@ -1,0 +1,191 @@
+"""Dual (two-tower) user encoder (User-LLM section 3.1).
+
+User tower: the same early-fusion embedding and causal Transformer as the autoregressive encoder,
+followed by fusion layers that turn the event sequence into ``k`` user embeddings:
+  * ``fusion="attention"``: k learned queries attend over the real events
+    (``userllm.kernels.latent_cross_attention``), then a residual MLP;
+  * ``fusion="last"``: the outputs of the last k real events (a history shorter than k repeats its first
+    event), each through an MLP.
+Label tower: the label feature's embedding (the user tower's table, shared) -> MLP -> d_model.
+
+Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (multi-interest max; k = 1 is the
+plain cosine). Loss: softmax cross-entropy of the true next item against ``negatives="in_batch"``
+(the other rows' labels; copies of the row's own label are masked out) or ``negatives="sampled"``
+(``num_negatives`` ids drawn uniformly from the vocabulary, shared by the batch, copies of the label
+masked). Labels that are padding or UNK are ignored.
+
+Only the user tower is used downstream: ``forward`` returns [B, k, d_model] with an all-True mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from userllm import kernels
+
+from .autoregressive import EncoderConfig
+from .transformer import CausalTransformer, EncoderOutput, EventEmbedding, init_linear_weights, length_mask
+
+FUSIONS = ("attention", "last")
+NEGATIVES = ("in_batch", "sampled")
+
+
+@dataclass
+class DualEncoderConfig(EncoderConfig):
+    """EncoderConfig plus: num_user_embeddings (k), fusion, negatives, num_negatives, temperature,
+    label_feature (the feature the label tower embeds and the loss predicts)."""
+
+    num_user_embeddings: int = 1
+    fusion: str = "attention"
+    negatives: str = "in_batch"
+    num_negatives: int = 256
+    temperature: float = 0.07
+    label_feature: str = "item"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        if self.num_user_embeddings < 1 or self.num_negatives < 1 or self.temperature <= 0:
+            raise ValueError("num_user_embeddings and num_negatives must be >= 1 and temperature > 0")
+        names = [f.name for f in self.feature_specs]
+        if self.label_feature not in names:
+            raise ValueError(f"label_feature {self.label_feature!r} is not a feature ({names})")
+
+
+def _mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))
+
+
+class DualEncoder(nn.Module):
+    """Two-tower encoder. forward(features, lengths) -> EncoderOutput([B, k, d_model], mask all True [B, k])."""
+
+    kind = "dual"
+
+    def __init__(self, config: DualEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.features = list(config.feature_specs)
+        d, k, H = config.d_model, config.num_user_embeddings, config.n_heads
+        self.embed = EventEmbedding(self.features, d, config.max_len, config.dropout)
+        self.transformer = CausalTransformer(d, config.n_layers, config.n_heads, config.dropout)
+        if config.fusion == "attention":
+            self.queries = nn.Parameter(torch.randn(k, H, d // H) * 0.02)
+            self.kv = nn.Linear(d, 2 * d)
+            self.fuse_out = nn.Linear(d, d)
+            self.fuse_ln = nn.LayerNorm(d)
+        self.fuse_mlp = _mlp(d, d)
+        label_dim = self.features[self.label_index].dim
+        self.label_mlp = _mlp(label_dim, d)
+        init_linear_weights(self)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.d_model
+
+    @property
+    def label_index(self) -> int:
+        return [f.name for f in self.features].index(self.config.label_feature)
+
+    @property
+    def tables(self) -> nn.ParameterDict:
+        return self.embed.tables
+
+    # ---- user tower -----------------------------------------------------------------------------
+    def forward(self, features: Sequence[torch.Tensor], lengths: torch.Tensor) -> EncoderOutput:
+        L = features[0].shape[1]
+        lengths = lengths.to(features[0].device)
+        mask = length_mask(lengths, L)
+        h = self.transformer(self.embed(features)) * mask.unsqueeze(-1)      # [B, L, d]
+        B, d, k = h.shape[0], self.config.d_model, self.config.num_user_embeddings
+        if self.config.fusion == "attention":
+            H = self.config.n_heads
+            key, val = self.kv(h).view(B, L, 2, H, d // H).unbind(2)           # [B, L, H, d/H]
+            q = self.queries.to(h.dtype)
+            att = kernels.latent_cross_attention(q, key, val, lengths)         # [B, k, H, d/H]
+            u = self.fuse_ln(self.fuse_out(att.reshape(B, k, d)))
+            u = u + self.fuse_mlp(u)
+        else:
+            pos = (lengths[:, None] - k + torch.arange(k, device=h.device)[None, :]).clamp_min(0)
+            u = self.fuse_mlp(h.gather(1, pos.unsqueeze(-1).expand(B, k, d)))
+        return EncoderOutput(u, torch.ones(B, k, dtype=torch.bool, device=h.device))
+
+    # ---- label tower ----------------------------------------------------------------------------
+    def label_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Label-tower outputs [N, d] for ids [N] (ids >= 0), or for the whole vocabulary when None."""
+        table = self.embed.tables[self.config.label_feature]
+        rows = table if ids is None else table[ids]
+        return self.label_mlp(rows)
+
+    def scores(self, user: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """user [B, k, d], labels [C, d] -> float32 [B, C] = max_j cos(user_j, label) / temperature."""
+        u = F.normalize(user.float(), dim=-1)
+        v = F.normalize(labels.float(), dim=-1)
+        return torch.einsum("bkd,cd->bkc", u, v).amax(dim=1) / self.config.temperature
+
+    def split_history(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """A window of n events -> (its first n - 1 events as history, lengths - 1, label ids [B])."""
+        lengths = lengths.to(features[0].device)
+        last = (lengths - 1).clamp_min(0)
+        rows = torch.arange(len(lengths), device=lengths.device)
+        label = features[self.label_index][rows, last].clone()
+        if label.dim() > 1:
+            raise ValueError("the dual encoder's label feature must be single-valued")
+        label[lengths < 2] = -1
+        history = []
+        for x in features:
+            x = x.clone()
+            x[rows, last] = -1                                                 # hide the label event
+            history.append(x)
+        return history, last, label
+
+    def next_event_loss(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each window's last real event is the label, the events before it the history.
+
+        Returns (loss, {label_feature: detached loss}); windows with < 2 events or an UNK label are ignored.
+        """
+        history, hist_len, label = self.split_history(features, lengths)
+        keep = label > 0
+        if not bool(keep.any()):
+            zero = self.label_mlp[0].weight.sum() * 0.0
+            return zero, {}
+        user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings
+        label = label[keep]
+        if self.config.negatives == "in_batch":
+            logits = self.scores(user, self.label_embeddings(label))          # [B, B]
+            same = label[:, None] == label[None, :]
+            eye = torch.eye(len(label), dtype=torch.bool, device=label.device)
+            logits = logits.masked_fill(same & ~eye, float("-inf"))
+            target = torch.arange(len(label), device=label.device)
+        else:
+            V = self.features[self.label_index].num_embeddings
+            # Uniform over real ids 1..V-1 (UNK 0 never a candidate); drawn from torch's RNG so that
+            # checkpoints restore the stream.
+            neg = torch.randint(1, max(V, 2), (self.config.num_negatives,), device=label.device)
+            u = F.normalize(user.float(), dim=-1)
+            v = F.normalize(self.label_embeddings(label).float(), dim=-1)
+            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) / self.config.temperature   # [B]
+            neg_s = self.scores(user, self.label_embeddings(neg))             # [B, n]
+            neg_s = neg_s.masked_fill(neg[None, :] == label[:, None], float("-inf"))
+            logits = torch.cat([pos[:, None], neg_s], dim=1)
+            target = torch.zeros(len(label), dtype=torch.long, device=label.device)
+        loss = F.cross_entropy(logits, target)
+        return loss, {self.config.label_feature: loss.detach()}
+
+    @torch.no_grad()
+    def score_next(self, features: Sequence[torch.Tensor], lengths: torch.Tensor, feature: str | None = None
+                   ) -> torch.Tensor:
+        """Scores float32 [B, V] of every label id for the event after each history."""
+        if feature is not None and feature != self.config.label_feature:
+            raise ValueError(f"the dual encoder scores only its label feature {self.config.label_feature!r}")
+        user = self.forward(features, lengths).embeddings
+        return self.scores(user, self.label_embeddings())
