@@ -1,0 +1,223 @@
+"""The language model side of User-LLM: any local Hugging Face causal LM, or an embedded tiny default.
+
+``load_llm(path)`` loads a local HF causal-LM directory and its tokenizer, with no network access.
+``load_llm(None, texts=..., cache_dir=...)`` builds the embedded default instead: a small
+Llama-architecture model (grouped-query attention) from a :class:`~transformers.LlamaConfig`, randomly
+initialised, plus a byte-level BPE tokenizer trained with the ``tokenizers`` library on the dataset's text
+(item titles, category names, reviews, prompt templates) and cached beside the processed data. Everything
+runs offline and is reproducible from the seed.
+
+Every tokenizer returned here has ``pad_token_id``, ``bos_token_id`` and ``eos_token_id`` set (a model
+without a pad token reuses EOS for padding; padding positions are always masked out of the loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import UserError
+from .utils.atomic import atomic_directory
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+TOKENIZER_VERSION = 1  # bump when the training recipe below changes, to invalidate caches
+
+# Files any of the HF tokenizer formats leaves in a model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
+@dataclass
+class DefaultLLMConfig:
+    """Shape of the embedded default LLM (Llama layout with GQA: 4 query heads share 2 KV heads).
+
+    Small enough that a few hundred training steps fit in a couple of CPU minutes.
+    """
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    vocab_size: int = 2048  # BPE merges stop here (or earlier when the corpus is small)
+    tie_word_embeddings: bool = True
+
+
+def _tokenizer_key(texts: Sequence[str], vocab_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{TOKENIZER_VERSION}:{vocab_size}:".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _wrap_fast(tokenizer_obj) -> "PreTrainedTokenizerFast":
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer_obj, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                  unk_token=UNK, padding_side="right")
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> "PreTrainedTokenizerFast":
+    """Train a byte-level BPE tokenizer on ``texts``.
+
+    Byte-level: every string is encodable (no unknown characters), which matters for review text.
+    No automatic special tokens: callers add BOS/EOS explicitly so that prompt and target token ids
+    concatenate exactly as they are scored by the constrained decoder.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=[PAD, BOS, EOS, UNK],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return _wrap_fast(tok)
+
+
+def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike | None, vocab_size: int = 2048):
+    """Train (or reuse) the default tokenizer; cached under ``cache_dir/tokenizer-<hash of corpus>``."""
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts)
+    if cache_dir is None:
+        return train_tokenizer(texts, vocab_size)
+    entry = Path(cache_dir) / f"tokenizer-{_tokenizer_key(texts, vocab_size)}"
+    if (entry / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(entry / "tokenizer.json"), pad_token=PAD, bos_token=BOS,
+                                       eos_token=EOS, unk_token=UNK, padding_side="right")
+    tok = train_tokenizer(texts, vocab_size)
+    with atomic_directory(entry) as tmp:
+        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    return tok
+
+
+def build_default_llm(vocab_size: int, config: DefaultLLMConfig | None = None, seed: int = 0):
+    """A randomly initialised Llama-architecture causal LM (seeded, so runs are reproducible)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = config or DefaultLLMConfig()
+    fields = asdict(cfg)
+    fields["vocab_size"] = vocab_size
+    lcfg = LlamaConfig(**fields, pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
+                       attention_dropout=0.0, hidden_act="silu")
+    # Seed a private generator state so model init does not depend on (or disturb) the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(lcfg)
+    return model
+
+
+def _check_special_tokens(tok) -> None:
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer of {tok.name_or_path!r} has no EOS token; the constrained decoder needs one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # GPT-2 style tokenizers: pad positions are masked anyway
+    if tok.bos_token_id is None:
+        tok.bos_token = tok.eos_token
+    tok.padding_side = "right"
+
+
+def check_llm_dir(path: str | os.PathLike) -> Path:
+    """Cheap checks of an ``--llm`` directory (before any heavy work): exists, has config.json and a tokenizer."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"--llm {p}: no such directory")
+    if not (p / "config.json").is_file():
+        raise UserError(f"--llm {p}: not a Hugging Face model directory (no config.json)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"--llm {p}: the directory has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    return p
+
+
+def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | None = None,
+             cache_dir: str | os.PathLike | None = None, seed: int = 0,
+             default_config: DefaultLLMConfig | None = None, torch_dtype: torch.dtype | None = None):
+    """Return ``(model, tokenizer)``.
+
+    path: a local HF causal-LM directory (config.json + weights + tokenizer files); loaded with
+          ``local_files_only=True``. ``None`` builds the embedded default from ``texts`` (required then).
+    cache_dir: where the default tokenizer is cached (beside the processed data).
+    Raises :class:`UserError` naming the path when it is missing, not a causal LM, or has no tokenizer.
+    """
+    if path is None:
+        if texts is None:
+            raise ValueError("load_llm(None) builds the default LLM and needs the corpus `texts` for its tokenizer")
+        cfg = default_config or DefaultLLMConfig()
+        tok = cached_tokenizer(list(texts), cache_dir, cfg.vocab_size)
+        model = build_default_llm(len(tok), cfg, seed)
+        model.config.pad_token_id, model.config.bos_token_id = tok.pad_token_id, tok.bos_token_id
+        model.config.eos_token_id = tok.eos_token_id
+        tok.name_or_path = "<default>"
+        return model, tok
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = check_llm_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a problem with the user's directory
+        raise UserError(f"--llm {p}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
+                                                     **({"dtype": torch_dtype} if torch_dtype else {}))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"--llm {p}: cannot load a causal LM ({type(exc).__name__}: {exc})") from None
+    _check_special_tokens(tok)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        raise UserError(f"--llm {p}: tokenizer has {len(tok)} tokens but the model only "
+                        f"{model.get_input_embeddings().weight.shape[0]} embeddings")
+    return model, tok
+
+
+def save_llm_spec(dest_dir: str | os.PathLike, model, tokenizer) -> None:
+    """Save what is needed to rebuild the LLM skeleton (config + tokenizer) into ``dest_dir`` atomically.
+
+    Weights live in the training checkpoint; this lets ``userllm.evaluate`` rebuild the exact architecture
+    and tokenizer of a run even when the tokenizer cache or the ``--llm`` directory has since moved.
+    """
+    with atomic_directory(dest_dir) as tmp:
+        model.config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+
+def load_llm_spec(src_dir: str | os.PathLike):
+    """Rebuild ``(model, tokenizer)`` with random weights from a :func:`save_llm_spec` directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src}: missing LLM config (was the run written by userllm.train?)")
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+    _check_special_tokens(tok)
+    return model, tok
+
+
+def describe_llm(model) -> str:
+    """One line: architecture, layers, width, parameter count."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", "?"))
+    width = getattr(cfg, "hidden_size", getattr(cfg, "n_embd", "?"))
+    return f"{type(model).__name__} ({layers} layers, width {width}, {n / 1e6:.2f}M parameters)"
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Hash of the tokenizer's vocabulary (to check a checkpoint matches the tokenizer it is loaded with)."""
+    vocab = tok.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
