@@ -1,4 +1,4 @@
-"""Shared test fixtures.
+"""Shared test fixtures and session set-up.
 
 ``shared_data`` locates the read-only real data beside the checkout (``../shared/data``, or the
 directory named by ``USERLLM_SHARED_DATA``) and skips the test cleanly when it is absent.
@@ -10,6 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. The switch must be set before anything
+# imports triton (torch.compile, peft and the kernel modules all may): triton decorates its own standard
+# library at import time, and a compiled-mode helper cannot be called from an interpreted kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
