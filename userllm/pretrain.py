@@ -74,7 +74,7 @@ class PretrainConfig:
     steps: int = 0                  # 0 = from --epochs
     epochs: float = 0.0             # 0 = 40 (ar) / 2 (dual: one window per train target)
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 0.0                 # 0 = default: 3e-3 (ar) / 1e-3 (dual)
     warmup: int = 50
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
@@ -87,7 +87,7 @@ class PretrainConfig:
     rating_weight: float = 1.0      # AR loss weights of the auxiliary features (item weight is 1)
     category_weight: float = 1.0
     user_embeddings: int = 1        # dual: k
-    fusion: str = "attention"       # dual: attention | last
+    fusion: str = "last"            # dual: last | attention (see DualEncoderConfig)
     negatives: str = "in_batch"     # dual: in_batch | sampled
     num_negatives: int = 256
     temperature: float = 0.07
@@ -121,8 +121,8 @@ class PretrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not (self.epochs >= 0 and math.isfinite(self.epochs)):
             raise UserError(f"--epochs must be a number >= 0, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number (or 0 for the default), got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -135,6 +135,12 @@ class PretrainConfig:
             raise UserError("the synthetic dataset takes no --data-path")
         if self.dataset != "synthetic" and self.data_path is None:
             raise UserError(f"--dataset {self.dataset} needs --data-path")
+
+    @property
+    def effective_lr(self) -> float:
+        # Measured on the synthetic default (540 steps): the dual encoder at 3e-3 ends below popularity
+        # (Recall@10 0.017 vs 0.047); at 1e-3 it reaches 0.137.
+        return self.lr or (3e-3 if self.encoder == "ar" else 1e-3)
 
     @property
     def effective_stride(self) -> int:
@@ -162,7 +168,7 @@ HELP = {
     "steps": "optimizer steps; 0 = --epochs passes over the training windows",
     "epochs": "training length in passes over the windows when --steps is 0; 0 = 40 (ar) / 2 (dual)",
     "batch_size": "windows per step",
-    "lr": "peak learning rate (AdamW)",
+    "lr": "peak learning rate (AdamW); 0 = 3e-3 (ar) / 1e-3 (dual)",
     "warmup": "linear warmup steps before the cosine decay",
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "weight_decay": "AdamW weight decay of the weight matrices (not tables, biases, norms)",
@@ -175,7 +181,7 @@ HELP = {
     "rating_weight": "ar: loss weight of the rating head (item weight is 1)",
     "category_weight": "ar: loss weight of the category head",
     "user_embeddings": "dual: k user embeddings",
-    "fusion": "dual: attention (k learned queries) | last (last k events)",
+    "fusion": "dual: last (last k events) | attention (k learned queries; learns poorly at the defaults)",
     "negatives": "dual: in_batch | sampled",
     "num_negatives": "dual: sampled negatives per step",
     "temperature": "dual: softmax temperature of the cosine scores",
@@ -364,7 +370,7 @@ def pretrain(cfg: PretrainConfig) -> int:
     decay = [p for n, p in encoder.named_parameters() if p.dim() >= 2 and "tables" not in n]
     no_decay = [p for n, p in encoder.named_parameters() if not (p.dim() >= 2 and "tables" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.effective_lr, betas=(0.9, 0.98))
     scheduler = cosine_with_warmup(optimizer, cfg.warmup, total_steps, cfg.min_lr_ratio)
 
     step = 0

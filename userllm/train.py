@@ -165,7 +165,7 @@ def pretrain_encoder(cfg: TrainConfig, ds, out: Path, device: torch.device, log=
         raise UserError(f"the {cfg.dataset} dataset has no pretraining windows (users need >= 4 events)")
     enc_cfg = pretrain.encoder_config(pcfg, ds)
     encoder = build_encoder(pcfg.encoder, enc_cfg).to(device)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=pcfg.lr, betas=(0.9, 0.98),
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=pcfg.effective_lr, betas=(0.9, 0.98),
                                   weight_decay=pcfg.weight_decay)
     scheduler = cosine_with_warmup(optimizer, pcfg.warmup, pcfg.steps, pcfg.min_lr_ratio)
     encoder.train()
