@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -157,6 +160,70 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its directory (see :func:`load_run`); ``model`` is in eval mode on ``device``."""
+
+    run_dir: Path
+    cfg: Any                  # the run's TrainConfig (with the overrides applied)
+    checkpoint: Path
+    device: torch.device
+    ds: Any                   # the ProcessedDataset the run was trained on
+    tok: Any                  # the run's tokenizer
+    model: torch.nn.Module    # UserLLM, or the TextPrompt wrapper (``.llm``)
+    batcher: Any              # the run's LLMBatcher (prompts, targets, catalogue)
+    amp: Callable[[], Any]    # autocast context factory (bf16 on GPU when the run used it)
+
+    @property
+    def user_llm(self) -> bool:
+        return _is_user_llm(self.model)
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, device: str | None = None,
+             threads: int | None = None, overrides: dict[str, Any] | None = None) -> LoadedRun:
+    """Rebuild a run's model from ``config.json`` + ``llm/`` + ``encoder.json`` and load a checkpoint
+    (default: the latest). ``overrides``: run options to change (e.g. ``eval_users``, ``beams``; None
+    values are ignored). Raises UserError for a directory that is not a run or has no checkpoint."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .config import TrainConfig
+    from .encoders import build_encoder
+    from .errors import UserError
+    from .train import (build_model, checkpoint_modules, load_data, load_run_llm, make_batcher, select_kernels,
+                        set_threads)
+    from .training import autocast, pick_device
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run}: not a run directory (no config.json)")
+    saved = json.loads((run / "config.json").read_text())
+    cfg = TrainConfig.from_dict(saved, source=str(run / "config.json"))
+    for key, value in {**(overrides or {}), "device": device, "threads": threads}.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.validate()
+    dev = pick_device(cfg.device)
+    set_threads(cfg, dev)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError(f"{run}: no checkpoint to load")
+    if not ckpt.is_file():
+        raise UserError(f"--checkpoint {ckpt}: file not found")
+    select_kernels(cfg, dev)
+    ds = load_data(cfg)
+    llm, tok = load_run_llm(cfg, run)
+    encoder = None
+    if cfg.baseline != "textprompt":
+        spec = json.loads((run / "encoder.json").read_text())
+        encoder = build_encoder(spec["kind"], spec["config"])
+    model = build_model(cfg, llm, encoder)
+    load_checkpoint(ckpt, checkpoint_modules(model, cfg), restore_rng_state=False)
+    model.to(dev).eval()
+    batcher = make_batcher(cfg, ds, tok, model)
+    amp = (lambda: autocast(dev)) if cfg.bf16 else contextlib.nullcontext
+    return LoadedRun(run, cfg, ckpt, dev, ds, tok, model, batcher, amp)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

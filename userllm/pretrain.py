@@ -42,12 +42,12 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .cli import run_cli
 from .encoders import ENCODERS, build_encoder, save_encoder
 from .errors import UserError
@@ -343,6 +343,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
+def make_optimizer(cfg: PretrainConfig, encoder: torch.nn.Module, total_steps: int):
+    """AdamW (weight decay on the weight matrices only: not on tables, biases, norms) + warmup/cosine."""
+    decay = [p for n, p in encoder.named_parameters() if p.dim() >= 2 and "tables" not in n]
+    no_decay = [p for n, p in encoder.named_parameters() if not (p.dim() >= 2 and "tables" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.effective_lr, betas=(0.9, 0.98))
+    return optimizer, cosine_with_warmup(optimizer, cfg.warmup, total_steps, cfg.min_lr_ratio)
+
+
+def pretrain_encoder(ds, cfg: PretrainConfig, device: torch.device, *, windows=None,
+                     resume_from: Path | None = None, checkpoint_dir: Path | None = None,
+                     logger: MetricsLogger | None = None,
+                     on_step: Callable[[int, torch.nn.Module, Any], None] | None = None,
+                     desc: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Pretrain a fresh encoder on ``ds`` with the stage's recipe: returns ``(encoder, stats)``.
+
+    The encoder is ``build_encoder(cfg.encoder, encoder_config(cfg, ds))`` on ``device``, trained on the
+    train-part windows (``windows``, default ``PretrainWindows(ds, cfg.window, "train")``) for
+    ``cfg.total_steps(len(windows))`` steps: next-event loss, AdamW + warmup/cosine (:func:`make_optimizer`),
+    gradient clipping, bf16 autocast on CUDA; the batch of a step is a pure function of (seed, step).
+
+    resume_from: a checkpoint of this run to continue from (model, optimizer, scheduler, RNG, step).
+    checkpoint_dir: save resumable checkpoints there every ``cfg.checkpoint_every`` steps and at the end.
+    logger: receives a record every ``cfg.log_every`` steps. on_step(step, encoder, progress_bar): called
+    after every step (e.g. a validation every N steps).
+    stats: ``steps`` (total), ``start_step``, ``first_loss`` / ``final_loss`` (of this process's first and
+    last step; None when no step ran), ``train_seconds``.
+    """
+    from .data import PretrainWindows
+
+    if windows is None:
+        windows = PretrainWindows(ds, cfg.window, "train", stride=cfg.effective_stride)
+    if len(windows) == 0:
+        raise UserError(f"the {cfg.dataset} dataset has no training windows (users need >= 4 events)")
+    total_steps = cfg.total_steps(len(windows))
+    encoder = build_encoder(cfg.encoder, encoder_config(cfg, ds)).to(device)
+    optimizer, scheduler = make_optimizer(cfg, encoder, total_steps)
+    step = 0
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, encoder, optimizer, scheduler).step
+    start = step
+    first = last = None
+    encoder.train()
+    bar = progress(total=total_steps, initial=step, desc=desc or f"pretrain {cfg.encoder}")
+    t_train = time.time()
+    while step < total_steps:
+        batch, epoch, index = batch_for_step(windows, step, cfg.batch_size, cfg.seed)
+        with autocast(device):
+            loss, per_feature = encoder.next_event_loss([x.to(device) for x in batch.features],
+                                                        batch.lengths.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        last = loss.item()
+        first = last if first is None else first
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            if logger is not None:
+                logger.log({"step": step, "epoch": epoch, "loss": last, "lr": scheduler.get_last_lr()[0],
+                            **{f"loss/{k}": v.item() for k, v in per_feature.items()}})
+            bar.set_postfix(loss=f"{last:.3f}")
+        if on_step is not None:
+            on_step(step, encoder, bar)
+        if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == total_steps):
+            save_checkpoint(checkpoint_dir, step, encoder, optimizer, scheduler,
+                            extra={"epoch": epoch, "batch_in_epoch": index + 1}, keep_last=cfg.keep_checkpoints)
+    bar.close()
+    stats = {"steps": total_steps, "start_step": start, "first_loss": first, "final_loss": last,
+             "train_seconds": round(time.time() - t_train, 2)}
+    return encoder, stats
+
+
 def pretrain(cfg: PretrainConfig) -> int:
     """Run the whole stage for a validated config (see the module docstring); returns 0."""
     out = Path(cfg.out)
@@ -365,24 +441,23 @@ def pretrain(cfg: PretrainConfig) -> int:
     total_steps = cfg.total_steps(len(windows))
     print(f"training {cfg.encoder} encoder for {total_steps} steps of {cfg.batch_size} windows", flush=True)
 
-    enc_cfg = encoder_config(cfg, ds)
-    encoder = build_encoder(cfg.encoder, enc_cfg).to(device)
-    decay = [p for n, p in encoder.named_parameters() if p.dim() >= 2 and "tables" not in n]
-    no_decay = [p for n, p in encoder.named_parameters() if not (p.dim() >= 2 and "tables" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.effective_lr, betas=(0.9, 0.98))
-    scheduler = cosine_with_warmup(optimizer, cfg.warmup, total_steps, cfg.min_lr_ratio)
-
-    step = 0
+    resume_step = None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, encoder, optimizer, scheduler)
-        step = state.step
-        print(f"resumed from {resume_from} at step {step}", flush=True)
+        resume_step = {p: s for s, p in list_checkpoints(out)}[resume_from]
+        print(f"resuming from {resume_from} at step {resume_step}", flush=True)
     else:
-        write_run_config(out, asdict(cfg) | {"encoder_config": enc_cfg})
-    with MetricsLogger(out / "metrics.jsonl", resume_step=step if resume_from is not None else None) as logger:
-        results = train_and_evaluate(cfg, ds, windows, encoder, optimizer, scheduler, step, total_steps,
-                                     val_set, test_set, popularity, device, logger)
+        write_run_config(out, asdict(cfg) | {"encoder_config": encoder_config(cfg, ds)})
+    val_idx = eval_subset(len(val_set), cfg.max_eval_users, cfg.seed) if val_set is not None else None
+    with MetricsLogger(out / "metrics.jsonl", resume_step=resume_step) as logger:
+        def validate(step: int, encoder, bar) -> None:
+            if val_set is not None and step % cfg.eval_every == 0 and step < total_steps:
+                val = evaluate(encoder, ds, val_set, val_idx, device, cfg.filter_seen)["encoder"]
+                logger.log({"step": step, "split": "val", **val})
+                bar.write(f"step {step}: val recall@10 {val['recall@10']:.4f} ndcg@10 {val['ndcg@10']:.4f}")
+
+        encoder, stats = pretrain_encoder(ds, cfg, device, windows=windows, resume_from=resume_from,
+                                          checkpoint_dir=out, logger=logger, on_step=validate)
+        results = final_evaluation(cfg, ds, encoder, stats, val_set, val_idx, test_set, popularity, device, logger)
     save_encoder(encoder.cpu(), out / ENCODER_FILE,
                  extra={"dataset": cfg.dataset, "data_path": cfg.data_path, "window": cfg.window,
                         "min_user_events": cfg.min_user_events, "steps": total_steps})
@@ -391,46 +466,10 @@ def pretrain(cfg: PretrainConfig) -> int:
     return 0
 
 
-def train_and_evaluate(cfg: PretrainConfig, ds, windows, encoder, optimizer, scheduler, step: int,
-                       total_steps: int, val_set, test_set, popularity: torch.Tensor, device: torch.device,
-                       logger: MetricsLogger) -> dict[str, Any]:
-    """The training loop from ``step`` to ``total_steps`` (checkpointing into ``cfg.out``), then the final
-    validation (with --eval-every) and test tables; returns the metrics.json content."""
-    out = Path(cfg.out)
-
-    val_idx = eval_subset(len(val_set), cfg.max_eval_users, cfg.seed) if val_set is not None else None
-    encoder.train()
-    bar = progress(total=total_steps, initial=step, desc=f"pretrain {cfg.encoder}")
-    t_train = time.time()
-    while step < total_steps:
-        batch, epoch, index = batch_for_step(windows, step, cfg.batch_size, cfg.seed)
-        with autocast(device):
-            loss, per_feature = encoder.next_event_loss([x.to(device) for x in batch.features],
-                                                        batch.lengths.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                      **{f"loss/{k}": v.item() for k, v in per_feature.items()}}
-            logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if val_set is not None and step % cfg.eval_every == 0 and step < total_steps:
-            val = evaluate(encoder, ds, val_set, val_idx, device, cfg.filter_seen)["encoder"]
-            logger.log({"step": step, "split": "val", **val})
-            bar.write(f"step {step}: val recall@10 {val['recall@10']:.4f} ndcg@10 {val['ndcg@10']:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save_checkpoint(out, step, encoder, optimizer, scheduler,
-                            extra={"epoch": epoch, "batch_in_epoch": index + 1}, keep_last=cfg.keep_checkpoints)
-    bar.close()
-    train_time = time.time() - t_train
-
-    results: dict[str, Any] = {"steps": total_steps, "train_seconds": round(train_time, 2),
+def final_evaluation(cfg: PretrainConfig, ds, encoder, stats: dict, val_set, val_idx, test_set,
+                     popularity: torch.Tensor, device: torch.device, logger: MetricsLogger) -> dict[str, Any]:
+    """The final validation (with --eval-every) and test tables; returns the metrics.json content."""
+    results: dict[str, Any] = {"steps": stats["steps"], "train_seconds": stats["train_seconds"],
                                "dataset": cfg.dataset, "encoder": cfg.encoder, "filter_seen": cfg.filter_seen,
                                "window": cfg.window, "num_users": ds.num_users, "num_items": ds.num_items - 1}
     if val_set is not None:
@@ -441,7 +480,7 @@ def train_and_evaluate(cfg: PretrainConfig, ds, windows, encoder, optimizer, sch
     enc_r10, pop_r10 = results["test"]["encoder"]["recall@10"], results["test"]["popularity"]["recall@10"]
     results["test_recall@10_ratio"] = enc_r10 / pop_r10 if pop_r10 > 0 else None
     print(format_table(results["test"], f"test (leave-last-out, full ranking{', seen filtered' if cfg.filter_seen else ''})"))
-    logger.log({"step": step, "split": "test", **results["test"]["encoder"]})
+    logger.log({"step": stats["steps"], "split": "test", **results["test"]["encoder"]})
     return results
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import statistics
 import time
 import warnings
@@ -126,7 +125,9 @@ def cache_root(cfg: TrainConfig, ds) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
 
-def build_llm(cfg: TrainConfig, ds):
+def build_llm(cfg: TrainConfig, ds, log=print):
+    """``--llm DIR``, or the embedded default: tokenizer trained on the dataset's text and, with
+    ``--llm-pretrain-steps``, the model pretrained as a causal LM on that text (both cached beside the data)."""
     from .llm import DefaultLLMConfig, load_llm
     from .text_prompt import corpus_texts
 
@@ -137,7 +138,7 @@ def build_llm(cfg: TrainConfig, ds):
                                num_hidden_layers=cfg.llm_layers, num_attention_heads=heads,
                                num_key_value_heads=max(1, heads // 2), vocab_size=cfg.tokenizer_vocab)
     return load_llm(None, texts=corpus_texts(ds), cache_dir=cache_root(cfg, ds), seed=cfg.seed,
-                    default_config=default)
+                    default_config=default, pretrain_steps=cfg.llm_pretrain_steps, log=log)
 
 
 def _check_encoder_fits(encoder, ds, cfg: TrainConfig, where: str) -> None:
@@ -151,42 +152,18 @@ def _check_encoder_fits(encoder, ds, cfg: TrainConfig, where: str) -> None:
 
 
 def pretrain_encoder(cfg: TrainConfig, ds, out: Path, device: torch.device, log=print):
-    """A brief next-event pretraining of a fresh encoder with :mod:`userllm.pretrain`'s recipe
-    (its PretrainConfig defaults, windows, batch order and encoder config), on this run's dataset."""
+    """A brief next-event pretraining of a fresh encoder with :func:`userllm.pretrain.pretrain_encoder`
+    (its PretrainConfig defaults, windows, batch order, optimizer and encoder config) on this run's dataset."""
     from . import pretrain
-    from .data.examples import PretrainWindows
-    from .encoders import build_encoder, save_encoder
+    from .encoders import save_encoder
 
     pcfg = pretrain.PretrainConfig(dataset=cfg.dataset, encoder=cfg.encoder, window=cfg.window,
                                    steps=cfg.pretrain_steps, d_model=cfg.encoder_dim, layers=cfg.encoder_layers,
                                    warmup=min(50, cfg.pretrain_steps // 10), seed=cfg.seed, out=str(out))
-    windows = PretrainWindows(ds, pcfg.window, "train", stride=pcfg.effective_stride)
-    if len(windows) == 0:
-        raise UserError(f"the {cfg.dataset} dataset has no pretraining windows (users need >= 4 events)")
-    enc_cfg = pretrain.encoder_config(pcfg, ds)
-    encoder = build_encoder(pcfg.encoder, enc_cfg).to(device)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=pcfg.effective_lr, betas=(0.9, 0.98),
-                                  weight_decay=pcfg.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, pcfg.warmup, pcfg.steps, pcfg.min_lr_ratio)
-    encoder.train()
-    bar = progress(total=pcfg.steps, desc=f"pretrain {pcfg.encoder} encoder")
-    first = last = None
-    for step in range(pcfg.steps):
-        batch, _, _ = pretrain.batch_for_step(windows, step, pcfg.batch_size, pcfg.seed)
-        with autocast(device):
-            loss, _ = encoder.next_event_loss([x.to(device) for x in batch.features], batch.lengths.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), pcfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        last = loss.item()
-        first = last if first is None else first
-        bar.update(1)
-        bar.set_postfix(loss=f"{last:.3f}")
-    bar.close()
+    encoder, stats = pretrain.pretrain_encoder(ds, pcfg, device, desc=f"pretrain {pcfg.encoder} encoder")
     path = out / pretrain.ENCODER_FILE
     save_encoder(encoder.cpu(), path, extra=pretrain_signature(cfg))
+    first, last = stats["first_loss"], stats["final_loss"]
     write_json(out / "pretrain.json", {"steps": pcfg.steps, "first_loss": first, "final_loss": last})
     log(f"pretrained the {pcfg.encoder} encoder for {pcfg.steps} steps: loss {first:.3f} -> {last:.3f} ({path})")
     return path
@@ -265,20 +242,15 @@ def build_model(cfg: TrainConfig, llm, encoder) -> nn.Module:
         return model
     from .integration import UserLLM, UserLLMConfig, apply_strategy
 
+    # Closed gates (tanh(0) = 0) keep a pretrained LLM intact at init, but their gradient is then pure
+    # noise (the blocks behind them are random and get no gradient): with the random embedded LLM they
+    # stayed shut (|gate| < 0.01 after 300 steps). Slightly open gates let the blocks learn from the
+    # first step; wide open ones (1.0) inject so much noise that the LM itself learns slower.
+    gate = cfg.xattn_gate_init if cfg.xattn_gate_init is not None else (0.0 if cfg.llm is not None else 0.1)
     ucfg = UserLLMConfig(integration=cfg.integration, xattn_every=cfg.xattn_every,
                          perceiver_latents=cfg.perceiver_latents, perceiver_layers=cfg.perceiver_layers,
-                         task_prompt_len=cfg.soft_prompt_tokens)
+                         task_prompt_len=cfg.soft_prompt_tokens, gate_init=gate)
     model = UserLLM(llm, encoder, ucfg)
-    gate = cfg.xattn_gate_init if cfg.xattn_gate_init is not None else (0.0 if cfg.llm is not None else 0.1)
-    if gate:
-        # Closed gates (tanh(0) = 0) keep a pretrained LLM intact at init, but their gradient is then pure
-        # noise (the blocks behind them are random and get no gradient): with the random embedded LLM they
-        # stayed shut (|gate| < 0.01 after 300 steps). Slightly open gates let the blocks learn from the
-        # first step; wide open ones (1.0) inject so much noise that the LM itself learns slower.
-        with torch.no_grad():
-            for name, p in model.xattn.named_parameters():
-                if name.endswith("_gate"):
-                    p.fill_(gate)
     apply_strategy(model, cfg.strategy, lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank)
     return model
 
@@ -437,11 +409,11 @@ def train(cfg: TrainConfig) -> dict:
     # Data and the LLM: rank 0 builds the caches first, the others then read them.
     if dist.main:
         ds = load_data(cfg)
-        llm, tok = build_llm(cfg, ds)
+        llm, tok = build_llm(cfg, ds, log)
     dist.barrier()
     if not dist.main:
         ds = load_data(cfg)
-        llm, tok = build_llm(cfg, ds)
+        llm, tok = build_llm(cfg, ds, log)
     from .data.examples import collate, make_examples
 
     train_ex = make_examples(ds, cfg.task, cfg.window, "train")
@@ -488,23 +460,19 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--steps {cfg.steps}: the run is already at step {step}")
     ddp_model = model
     if dist.world > 1:
-        # find_unused_parameters: trainable parameters outside this task's graph exist (e.g. the
-        # encoder's next-event heads, used only in pretraining).
+        # Every trainable parameter is in the graph of every step (apply_strategy freezes the encoder's
+        # pretraining-only heads), so DDP needs no find_unused_parameters traversal.
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=step if resuming else None) if dist.main else None
     model.train()
     bar = progress(total=cfg.steps, initial=step, desc=f"train {cfg.model_name}", disable=None if dist.main else True)
     window_losses: list[float] = []
-    step_times: list[float] = []
-    tokens_seen = 0
     first_loss = None
-    t_train = time.time()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        idx = batch_for_step(len(train_ex), step, cfg.batch_size, cfg.seed)[dist.rank::dist.world]
-        lb = batcher.train_batch(collate(ds, train_ex, idx)).to(device)
+    profiler = TrainProfiler(cfg, device) if cfg.profile and dist.main else None
+
+    def optimizer_step(lb) -> torch.Tensor:
         with amp():
             loss = forward_loss(ddp_model, lb)
         optimizer.zero_grad(set_to_none=True)
@@ -513,11 +481,27 @@ def train(cfg: TrainConfig) -> dict:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        return loss
+
+    if profiler is not None:
+        profiler.start()
+    t_train = time.time()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        idx = batch_for_step(len(train_ex), step, cfg.batch_size, cfg.seed)[dist.rank::dist.world]
+        events = collate(ds, train_ex, idx)
+        lb = batcher.train_batch(events).to(device)
+        if profiler is not None and profiler.train_step is None:
+            box: list[torch.Tensor] = []
+            profiler.first_step(model, lambda: box.append(optimizer_step(lb)), lb, batcher, events)
+            loss = box[0]
+        else:
+            loss = optimizer_step(lb)
         step += 1
-        if device.type == "cuda" and cfg.profile:
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - t0)
-        tokens_seen += int(lb.attention_mask.sum())
+        if profiler is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            profiler.record(time.perf_counter() - t0, int(lb.attention_mask.sum()))
         window_losses.append(loss.item())
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -535,6 +519,8 @@ def train(cfg: TrainConfig) -> dict:
             dist.barrier()
     bar.close()
     train_seconds = time.time() - t_train
+    if profiler is not None:
+        profiler.stop()
     final_loss = None
     if logger is not None:
         logger.close()
@@ -552,8 +538,8 @@ def train(cfg: TrainConfig) -> dict:
                                                                 "train_seconds": round(train_seconds, 2)})
         results["total_seconds"] = round(time.time() - t_start, 2)
         write_metrics(run_dir, results)
-        if cfg.profile:
-            write_profile(run_dir, cfg, device, step_times, tokens_seen, results)
+        if profiler is not None:
+            log(f"wrote {profiler.write(run_dir, model, results, dist.world)}")
         log(f"wrote {run_dir}/metrics.json ({results['total_seconds']:.0f}s in all)")
     dist.barrier()
     if dist.world > 1:
@@ -590,65 +576,134 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, device, amp,
     return results
 
 
-def write_profile(run_dir: Path, cfg: TrainConfig, device, step_times: list[float], tokens: int,
-                  results: dict) -> None:
-    """profile.json: step-time statistics (first step excluded as warm-up), token throughput, peak memory."""
-    times = step_times[1:] or step_times
-    prof = {"device": str(device), "steps_timed": len(times), "kernels": cfg.fused_kernels,
-            "step_seconds_mean": statistics.fmean(times) if times else None,
-            "step_seconds_median": statistics.median(times) if times else None,
-            "tokens_per_second": tokens / sum(step_times) if step_times else None,
-            "decode_seconds": results.get(results.get("split", "test"), {}).get("decode_seconds"),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        prof["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-    write_json(run_dir / "profile.json", prof)
+class TrainProfiler:
+    """``--profile``: what ``profile.json`` holds for a training run (rank 0), through :mod:`userllm.profiling`.
+
+    * FLOPs of the first training step of this process, per component (LLM, encoder, projection, Perceiver,
+      cross-attention; forward/backward), measured with ``FlopCounterMode``
+      (:func:`userllm.profiling.compare.profile_training_step`) next to the analytic 6ND-style estimate
+      for the same batch shape;
+    * step times of the later steps (the FLOP-counted first step is slower and is left out), tokens/s
+      (LLM input tokens incl. padding, per rank), peak memory (CUDA allocated on GPU, else the process's
+      peak RSS during training), NVML utilisation / power / energy sampled during training on an NVIDIA
+      GPU (without one, the reason is recorded and CPU time is still reported);
+    * LLM context tokens per example (prompt + soft-prompt positions) and the evaluation's decode time.
+
+    Written with :func:`userllm.profiling.compare.write_profile` under ``run``, ``tokens``, ``train_step``
+    and ``evaluation``, so ``python -m userllm.profiling.report RUN_DIR`` reads it (``run.method`` /
+    ``run.history_length`` pair User-LLM and TextPrompt runs by ``--window``).
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.train_step: dict | None = None       # the FLOPs section, once the first step is counted
+        self.shape: dict | None = None
+        self.tokens: dict | None = None
+        self.step_times: list[float] = []
+        self.step_tokens: list[int] = []
+        self._stack = contextlib.ExitStack()
+
+    def start(self) -> None:
+        """Start the NVML sampler and the peak-memory / CPU-time window (call before the training loop)."""
+        from .profiling.gpu import GpuSampler
+        from .profiling.timing import Timer
+
+        self.sampler = self._stack.enter_context(GpuSampler(interval_s=0.05))
+        self.timer = self._stack.enter_context(Timer(self.device))
+
+    def stop(self) -> None:
+        self._stack.close()
+
+    def first_step(self, model: nn.Module, step_fn, lb, batcher, events) -> None:
+        """Run ``step_fn`` (one real training step on ``lb``) counting its FLOPs per component."""
+        from .profiling.compare import profile_training_step
+        from .profiling.flops import PassShape, analytic_userllm
+        from .profiling.tokens import TokenCount, summarize
+
+        B, T = lb.input_ids.shape
+        L = int(lb.events.features[0].shape[1]) if lb.events is not None else 0
+        target = model.llm if isinstance(model, TextPromptModel) else model
+        self.train_step = profile_training_step(step_fn, target, device=self.device, steps=0,
+                                                analytic=analytic_userllm(target, PassShape(B, T, L), phase="train"))
+        self.shape = {"batch": B, "text_len": T, "n_events": L}
+        # LLM context per example at inference: BOS + prompt (+ soft-prompt positions), as the model sees it.
+        prompt = batcher.prompt_batch(events)
+        n_events = events.lengths.tolist()
+        method = "textprompt" if isinstance(model, TextPromptModel) else "userllm"
+        self.tokens = summarize([TokenCount(method, n, int(t), 0 if method == "textprompt" else
+                                            model.num_prefix_tokens(n))
+                                 for n, t in zip(n_events, prompt.attention_mask.sum(1).tolist())])
+
+    def record(self, seconds: float, tokens: int) -> None:
+        self.step_times.append(seconds)
+        self.step_tokens.append(tokens)
+
+    def write(self, run_dir: Path, model: nn.Module, results: dict, world: int) -> Path:
+        from .profiling.compare import environment, write_profile
+
+        cfg = self.cfg
+        times = self.step_times[1:]             # the first (FLOP-counted) step is not timed
+        tokens = self.step_tokens[1:]
+        gpu = self.sampler.report()
+        t = self.timer.result
+        timing = {"repeats": len(times), "wall_s": statistics.median(times) if times else None,
+                  "wall_s_mean": statistics.fmean(times) if times else None,
+                  "wall_s_min": min(times) if times else None, "wall_s_all": [round(x, 6) for x in times],
+                  "cpu_s_total": t.cpu_s, "wall_s_total": t.wall_s, "peak_mem_bytes": t.peak_mem_bytes,
+                  "peak_rss_bytes": t.peak_rss_bytes, "rss_peak_scope": t.rss_peak_scope, "gpu": gpu.to_dict(),
+                  "energy_j": None if gpu.energy_j is None else gpu.energy_j / max(len(self.step_times), 1),
+                  "energy": "n/a (no NVIDIA GPU)" if not gpu.available else (
+                      "n/a (energy not supported by this GPU)" if gpu.energy_j is None else "per step, "
+                      "averaged over every training step")}
+        train_step = {**(self.train_step or {}), "shape": self.shape, "timing": timing,
+                      "tokens_per_step": statistics.fmean(tokens) if tokens else None,
+                      "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
+                      "strategy": cfg.strategy}
+        method = "textprompt" if isinstance(model, TextPromptModel) else "userllm"
+        run = {"method": method, "history_length": cfg.window, "batch_size": (self.shape or {}).get("batch"),
+               "global_batch_size": cfg.batch_size, "world_size": world, "task": cfg.task, "dataset": cfg.dataset,
+               "model": cfg.model_name, "strategy": cfg.strategy,
+               "integration": cfg.integration if method == "userllm" else None,
+               "perceiver_latents": cfg.perceiver_latents if method == "userllm" else None,
+               "task_prompt_len": cfg.soft_prompt_tokens if method == "userllm" else None,
+               "llm": cfg.llm or "<default>", "llm_params": int(sum(p.numel() for p in model.parameters())),
+               "kernels": cfg.fused_kernels, "source": "python -m userllm.train --profile",
+               **environment(self.device)}
+        split = results.get("split", "test")
+        evaluation = {"split": split, "decode_seconds": results.get(split, {}).get("decode_seconds"),
+                      "users": results.get(split, {}).get("count")}
+        return write_profile(run_dir, run=run, tokens=self.tokens, train_step=train_step, evaluation=evaluation)
 
 
 # ------------------------------------------------------------------------------------ re-evaluation
+def load_run_llm(cfg: TrainConfig, run: Path):
+    """(llm, tokenizer) of a finished run, before its checkpoint is loaded."""
+    from .llm import load_llm, load_llm_spec
+
+    if cfg.llm is not None and not (cfg.strategy in ("full", "lora") or cfg.baseline == "textprompt"):
+        llm, tok = load_llm(cfg.llm)            # frozen: its weights are not in the checkpoint
+    else:
+        llm, tok = load_llm_spec(run / "llm")   # architecture + tokenizer; weights from the checkpoint
+    return llm, tok
+
+
 def evaluate_run(run_dir: str | os.PathLike, *, checkpoint: str | None = None, eval_users: int | None = None,
                  beams: int | None = None, split: str = "test", device: str | None = None,
                  threads: int | None = None) -> dict:
     """Rebuild a run's model from its directory, load a checkpoint, evaluate, write ``eval.json``."""
     from .data.examples import make_examples
-    from .encoders import build_encoder
-    from .llm import load_llm, load_llm_spec
+    from .evaluate import load_run
 
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run}: not a run directory (no config.json)")
-    saved = json.loads((run / "config.json").read_text())
-    cfg = TrainConfig.from_dict(saved, source=str(run / "config.json"))
-    for key, value in (("eval_users", eval_users), ("beams", beams), ("device", device), ("threads", threads)):
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg.validate()
-    set_threads(cfg, pick_device(cfg.device))
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run)
-    if ckpt is None:
-        raise UserError(f"{run}: no checkpoint to evaluate")
-    dev = pick_device(cfg.device)
-    select_kernels(cfg, dev)
-    ds = load_data(cfg)
-    if cfg.llm is not None and not (cfg.strategy in ("full", "lora") or cfg.baseline == "textprompt"):
-        llm, tok = load_llm(cfg.llm)            # frozen: its weights are not in the checkpoint
-    else:
-        llm, tok = load_llm_spec(run / "llm")   # architecture + tokenizer; weights from the checkpoint
-    encoder = None
-    if cfg.baseline != "textprompt":
-        spec = json.loads((run / "encoder.json").read_text())
-        encoder = build_encoder(spec["kind"], spec["config"])
-    model = build_model(cfg, llm, encoder)
-    load_checkpoint(ckpt, checkpoint_modules(model, cfg), restore_rng_state=False)
-    model.to(dev)
-    batcher = make_batcher(cfg, ds, tok, model)
+    r = load_run(run_dir, checkpoint=checkpoint, device=device, threads=threads,
+                 overrides={"eval_users": eval_users, "beams": beams})
+    cfg, ds = r.cfg, r.ds
     train_ex = make_examples(ds, cfg.task, cfg.window, "train")
     test_ex = eval_subset(make_examples(ds, cfg.task, cfg.window, split), cfg.eval_users)
-    amp = (lambda: autocast(dev)) if cfg.bf16 else contextlib.nullcontext
-    results = evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, dev, amp, print, split=split)
-    results["checkpoint"] = str(ckpt)
-    write_json(run / "eval.json", results)
-    print(f"wrote {run / 'eval.json'}")
+    results = evaluate_and_report(cfg, r.model, r.batcher, ds, train_ex, test_ex, r.device, r.amp, print,
+                                  split=split)
+    results["checkpoint"] = str(r.checkpoint)
+    write_json(r.run_dir / "eval.json", results)
+    print(f"wrote {r.run_dir / 'eval.json'}")
     return results
 
 

@@ -139,3 +139,11 @@ def test_deepcopy_keeps_blocks_wired_to_the_copy():
             block.ffn_gate.zero_()
         assert torch.equal(clone(ids, features=feats, lengths=lens).logits, clone.llm(input_ids=ids).logits)
         assert torch.equal(model(ids, features=feats, lengths=lens).logits, before)
+
+
+def test_gate_init_sets_every_cross_attention_gate():
+    model = UserLLM(tiny_llm("llama"), ToyEncoder([20, 5]), UserLLMConfig(gate_init=0.25))
+    gates = [p for n, p in model.xattn.named_parameters() if n.endswith("_gate")]
+    assert len(gates) == 2 * len(model.xattn) and all(torch.equal(g, torch.full((1,), 0.25)) for g in gates)
+    closed = UserLLM(tiny_llm("llama"), ToyEncoder([20, 5]), UserLLMConfig())
+    assert all(torch.equal(p, torch.zeros(1)) for n, p in closed.xattn.named_parameters() if n.endswith("_gate"))

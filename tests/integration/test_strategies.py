@@ -94,6 +94,34 @@ def test_lora_training_moves_only_adapters_and_user_side(family, integration):
     assert any(group_of(n) == "llm.lora" for n in moved) and any(group_of(n) == "encoder" for n in moved)
 
 
+def real_encoder(kind: str) -> nn.Module:
+    from userllm.encoders import build_encoder
+
+    specs = [dict(name="item", num_embeddings=20), dict(name="rating", num_embeddings=5)]
+    extra = {"fusion": "attention", "num_user_embeddings": 2} if kind == "dual" else {}
+    return build_encoder(kind, dict(feature_specs=specs, d_model=16, n_layers=1, n_heads=2, max_len=8, **extra))
+
+
+@pytest.mark.parametrize("kind, heads", [("ar", {"head_proj", "head_bias"}), ("dual", {"label_mlp"})])
+@pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
+@pytest.mark.parametrize("integration", ["xattn", "softprompt"])
+def test_pretraining_heads_are_frozen_and_every_trainable_parameter_gets_a_gradient(kind, heads, strategy,
+                                                                                   integration):
+    """What lets DDP run without find_unused_parameters: one step touches every trainable parameter."""
+    torch.manual_seed(0)
+    model = UserLLM(tiny_llm("llama"), real_encoder(kind),
+                    UserLLMConfig(integration=integration, task_prompt_len=2, gate_init=0.1))
+    apply_strategy(model, strategy, lora_r=4)
+    frozen = {n.split(".", 1)[0] for n, p in model.encoder.named_parameters() if not p.requires_grad}
+    assert frozen == (heads if strategy != "proj" else {n.split(".", 1)[0] for n, _ in model.encoder.named_parameters()})
+    feats, lens = toy_features([4, 2, 3])
+    ids = torch.randint(3, 96, (3, 5))
+    model.train()
+    model(ids, features=feats, lengths=lens, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
 def test_unknown_strategy_is_a_user_error():
     with pytest.raises(UserError, match="strategy"):
         apply_strategy(make_model("llama", "xattn"), "adapters")

@@ -32,11 +32,12 @@ class GatedCrossAttentionBlock(nn.Module):
     """Gated cross-attention + gated FFN over a user K/V cache.
 
     d_model: LLM width; n_heads query heads, n_kv_heads K/V heads (n_heads % n_kv_heads == 0, grouped
-    query attention); head_dim defaults to d_model // n_heads.
+    query attention); head_dim defaults to d_model // n_heads. gate_init: initial value of both gate
+    parameters (0 = Flamingo: the block is the identity at init).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
-                 ffn_mult: int = 4, dropout: float = 0.0):
+                 ffn_mult: int = 4, dropout: float = 0.0, gate_init: float = 0.0):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads % n_kv_heads != 0:
@@ -54,9 +55,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
         self.dropout = nn.Dropout(dropout)
-        # tanh(0) = 0: the block is the identity at init and opens as the gates learn.
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ffn_gate = nn.Parameter(torch.zeros(1))
+        # tanh(0) = 0: with the default gate_init the block is the identity at init and opens as the gates learn.
+        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.ffn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """User states [B, N, d_model] -> (K, V), each [B, N, n_kv_heads, head_dim]. Run once per request."""

@@ -37,6 +37,9 @@ class UserLLMConfig:
     xattn_every: a block before decoder layers 0, k, 2k, ... (ignored when ``xattn_layers`` is given).
     xattn_heads / xattn_kv_heads: query / K-V heads of the blocks (default: the LLM's head count; kv
         heads default to the query heads; fewer kv heads = grouped-query attention).
+    gate_init: initial value of the blocks' tanh gates. 0 (Flamingo) leaves a pretrained LLM exactly as it
+        was at init; a small positive value lets the blocks learn from the first step (with 0 their
+        gradient is noise behind closed gates, which hardly open with a random LLM in a short run).
     perceiver_latents: 0 = no Perceiver; else the number of latent tokens the history is resampled to.
     task_prompt_len: learned task-prompt tokens after the user tokens (soft prompt only).
     """
@@ -47,6 +50,7 @@ class UserLLMConfig:
     xattn_heads: int | None = None
     xattn_kv_heads: int | None = None
     xattn_ffn_mult: int = 4
+    gate_init: float = 0.0
     perceiver_latents: int = 0
     perceiver_layers: int = 1
     perceiver_heads: int | None = None
@@ -140,7 +144,8 @@ class UserLLM(nn.Module):
             heads = config.xattn_heads or default_heads
             for _ in indices:
                 self.xattn.append(GatedCrossAttentionBlock(d_llm, heads, config.xattn_kv_heads,
-                                                           ffn_mult=config.xattn_ffn_mult, dropout=config.dropout))
+                                                           ffn_mult=config.xattn_ffn_mult, dropout=config.dropout,
+                                                           gate_init=config.gate_init))
             self.xattn_layer_indices = indices
             self._hook_handles = attach_cross_attention(layers, indices, lambda i: CrossAttentionHook(self, i))
         else:

@@ -8,6 +8,11 @@
 
 Parameter groups are the UserLLM's top-level submodules: ``llm``, ``encoder`` and the integration
 group ``projection``, ``perceiver``, ``xattn``, ``soft_prompt``.
+
+The encoder's pretraining-only parts (the autoregressive encoder's next-event heads ``head_proj`` /
+``head_bias``, the dual encoder's label tower ``label_mlp``) are never trainable here: the UserLLM's
+forward does not use them, so they would get no gradient (and DistributedDataParallel would need
+``find_unused_parameters``). An encoder may name its own with a ``pretraining_only`` attribute.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ from .layers import find_decoder_layers
 
 STRATEGIES = ("full", "lora", "enc", "proj")
 INTEGRATION_GROUPS = ("projection", "perceiver", "xattn", "soft_prompt")
+# Encoder submodules used only by the pretraining loss (AutoregressiveEncoder / DualEncoder).
+PRETRAINING_ONLY = ("head_proj", "head_bias", "label_mlp")
+
+
+def pretraining_only(name: str, encoder: nn.Module) -> bool:
+    """Whether encoder parameter ``name`` belongs to a pretraining-only submodule (see the module docstring)."""
+    return name.split(".", 1)[0] in getattr(encoder, "pretraining_only", PRETRAINING_ONLY)
 
 
 def lora_target_modules(llm: nn.Module) -> tuple[list[str], bool]:
@@ -65,8 +77,8 @@ def apply_strategy(model: nn.Module, strategy: str, lora_r: int = 8, lora_alpha:
     train_encoder = strategy in ("full", "lora", "enc")
     for name, p in model.llm.named_parameters():
         p.requires_grad_(train_llm or (strategy == "lora" and "lora_" in name))
-    for p in model.encoder.parameters():
-        p.requires_grad_(train_encoder)
+    for name, p in model.encoder.named_parameters():
+        p.requires_grad_(train_encoder and not pretraining_only(name, model.encoder))
     for group in INTEGRATION_GROUPS:
         module = getattr(model, group, None)
         if module is not None:

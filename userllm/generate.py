@@ -1,0 +1,379 @@
+"""Generate with a trained run for chosen users (``python -m userllm.generate RUN_DIR``).
+
+    python -m userllm.generate runs/x --users 3 17                     # dataset user indices, greedy
+    python -m userllm.generate runs/x --user-ids u4 u18 --constrained --num-return 5
+    python -m userllm.generate runs/x --histories h.json --do-sample --temperature 0.8 --seed 1
+    python -m userllm.generate runs/x --users 3 --split test --num-beams 4 --out gen.jsonl
+
+The run (``config.json``, ``llm/``, ``encoder.json``, latest checkpoint) is rebuilt with
+:func:`userllm.evaluate.load_run` on the run's dataset. Each requested user gets a history of at most
+``window`` events (the run's ``--window``):
+
+* ``--users`` (dense dataset user indices) / ``--user-ids`` (the source's raw user ids): with
+  ``--split all`` (default) the user's most recent events, predicting beyond the data; with
+  ``--split test|val`` the evaluation example's window, and the output also holds the reference answer;
+* ``--histories FILE.json``: ``[history, ...]`` or ``{"name": history, ...}``; a history is a list of
+  raw item ids (as in the source data), or of ``{"item": id, "rating": r}`` objects. Longer histories
+  keep their most recent ``window`` events.
+
+The prompt is the task's (the run's ``--task``), or ``--prompt QUESTION`` in its place; TextPrompt runs
+(and mixed-context runs) get the history rendered as text in the prompt exactly as in training.
+ReviewG needs the reviewed item: the split's target, or ``--item RAW_ID``.
+
+Decoding: User-LLM runs through :meth:`UserLLM.generate` (the user K/V are projected once per request),
+TextPrompt runs through the LLM's Hugging Face ``generate``: greedy by default, ``--num-beams N`` beam
+search, ``--do-sample`` (``--temperature``, ``--top-k``, ``--top-p``) sampling, ``--num-return N``
+sequences per user, ``--max-new-tokens``. ``--constrained`` instead runs the evaluation's trie-constrained
+beam search (:func:`userllm.decoding.constrained_beam_search`), so every answer is a catalogue entry
+(an item title, or a category name for FavGenre), with its log-likelihood.
+
+Output: one JSON object per user, printed or written to ``--out FILE`` (JSON lines): ``user``,
+``user_id`` / ``name``, ``history`` (raw item ids), ``prompt``, ``generations`` (strings, best first),
+``scores`` (sequence log-likelihoods; constrained and beam search) and ``reference`` (``--split test|val``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .cli import run_cli
+from .errors import UserError
+from .text_prompt import ANSWER, HISTORY_HEADER, build_prompt, render_history
+from .utils.atomic import write_text
+
+SPLITS = ("all", "test", "val")
+
+
+@dataclass
+class Request:
+    """One user to generate for: the history as sorted-event-like ids, and what to report about it."""
+
+    items: list[int]                       # item vocab ids, oldest first (<= window)
+    ratings: list[int]                     # rating vocab ids (UNK 0 when unknown)
+    info: dict[str, Any] = field(default_factory=dict)   # user / user_id / name / reference ...
+    target_item: int | None = None         # item vocab id of the reviewed item (reviewg)
+
+
+# ------------------------------------------------------------------------------------------ histories
+def _last(rows: range, window: int) -> range:
+    return range(max(rows.start, rows.stop - window), rows.stop)
+
+
+def dataset_requests(ds, task: str, window: int, users: Sequence[int], split: str) -> list[Request]:
+    """Requests for dense user indices: the most recent window (``all``) or the split's example."""
+    from .data.examples import make_examples
+    from .llm_data import Catalogue
+
+    examples = make_examples(ds, task, window, split) if split != "all" else None
+    catalogue = Catalogue.for_task(ds, task) if split != "all" else None
+    out = []
+    raw_ids = np.asarray(ds.events.user_ids)
+    for u in users:
+        info: dict[str, Any] = {"user": int(u), "user_id": str(raw_ids[u])}
+        target = None
+        if examples is None:
+            rows = _last(range(int(ds.offsets[u]), int(ds.offsets[u + 1])), window)
+        else:
+            (hit,) = np.nonzero(examples.user == u)
+            if len(hit) == 0:
+                raise UserError(f"user {u} ({raw_ids[u]}) has no {task} {split} example")
+            i = int(hit[0])
+            rows = range(int(examples.start[i]), int(examples.target[i]))
+            target = int(examples.target[i])
+            if examples.texts is not None:
+                info["reference"] = examples.texts[i]
+            elif catalogue is not None:
+                entry = int(catalogue.label_to_entry[examples.labels[i]])
+                info["reference"] = catalogue.entries[entry] if entry >= 0 else None
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        items = ds.features["item"][rows_arr].tolist()
+        out.append(Request(items, ds.features["rating"][rows_arr].tolist(), info,
+                           None if target is None else int(ds.features["item"][target])))
+    return out
+
+
+def resolve_users(ds, indices: Sequence[int], raw_ids: Sequence[str]) -> list[int]:
+    """Dense user indices from ``--users`` (indices) and ``--user-ids`` (raw ids); UserError naming a bad one."""
+    out = []
+    for u in indices:
+        if not 0 <= u < ds.num_users:
+            raise UserError(f"--users {u}: no such user (the {ds.name} dataset has users 0..{ds.num_users - 1})")
+        out.append(int(u))
+    if raw_ids:
+        index = {str(r): i for i, r in enumerate(np.asarray(ds.events.user_ids).tolist())}
+        for r in raw_ids:
+            if str(r) not in index:
+                raise UserError(f"--user-ids {r}: no user with this id in the {ds.name} dataset")
+            out.append(index[str(r)])
+    return out
+
+
+def read_histories(path: str | Path, ds, window: int) -> list[Request]:
+    """Requests from a JSON file of histories (module docstring); UserError naming the file and the entry."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--histories {p}: no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--histories {p}: not valid JSON ({exc})") from None
+    if isinstance(data, dict):
+        named = [(str(k), v) for k, v in data.items()]
+    elif isinstance(data, list):
+        named = [(str(i), v) for i, v in enumerate(data)]
+    else:
+        raise UserError(f"--histories {p}: expected a list of histories or an object of named histories")
+    if not named:
+        raise UserError(f"--histories {p}: no histories")
+    item_vocab, rating_vocab = ds.vocabs["item"], ds.vocabs["rating"]
+    out = []
+    for name, hist in named:
+        where = f"--histories {p}: history {name!r}"
+        if not isinstance(hist, list) or not hist:
+            raise UserError(f"{where}: expected a non-empty list of item ids")
+        items, ratings = [], []
+        for pos, ev in enumerate(hist):
+            raw, rating = (ev.get("item"), ev.get("rating")) if isinstance(ev, dict) else (ev, None)
+            if raw is None or isinstance(raw, (bool, list, dict)):
+                raise UserError(f"{where}, event {pos}: expected an item id or {{\"item\": id, \"rating\": r}}")
+            vid = item_vocab.id(raw)
+            if vid == 0:
+                raise UserError(f"{where}, event {pos}: unknown item id {raw!r} (not in the {ds.name} catalogue)")
+            items.append(int(vid))
+            ratings.append(int(rating_vocab.id(rating)) if rating is not None else 0)
+        out.append(Request(items[-window:], ratings[-window:], {"name": name}))
+    return out
+
+
+def event_features(ds, requests: Sequence[Request]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The encoder input of the requests: one right-padded tensor per feature spec (-1 = padding)."""
+    L = max(len(r.items) for r in requests)
+    lengths = torch.tensor([len(r.items) for r in requests], dtype=torch.int64)
+    items = np.full((len(requests), L), -1, dtype=np.int64)
+    ratings = np.full((len(requests), L), -1, dtype=np.int64)
+    for b, r in enumerate(requests):
+        items[b, :len(r.items)] = r.items
+        ratings[b, :len(r.ratings)] = r.ratings
+    feats = []
+    for spec in ds.feature_specs:
+        if spec.name == "item":
+            feats.append(torch.from_numpy(items))
+        elif spec.name == "rating":
+            feats.append(torch.from_numpy(ratings))
+        elif spec.name == "category":
+            cats = ds.item_categories[np.clip(items, 0, None)]
+            feats.append(torch.from_numpy(np.where(items[..., None] >= 0, cats, -1)))
+        else:
+            raise UserError(f"the run's dataset has a feature {spec.name!r} that generate cannot build")
+    return feats, lengths
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def _event_tuple(ds, item: int, rating: int) -> tuple[str, float | None, tuple[str, ...]]:
+    """(title, rating, categories) of an item vocab id, as :class:`PromptRenderer` renders an event."""
+    c = int(ds.item_index[item])
+    token = ds.vocabs["rating"].token(rating) if rating > 0 else None
+    return ds.events.items.titles[c], (float(token) if token is not None else None), tuple(ds.events.items.categories[c])
+
+
+def prompt_text(ds, task: str, req: Request, text_events: int | None, question: str | None,
+                category_word: str) -> str:
+    """The prompt of one request, rendered as in training (history text for TextPrompt / mixed context)."""
+    history = None
+    if text_events != 0:
+        n = len(req.items) if text_events is None else text_events
+        events = [_event_tuple(ds, i, r) for i, r in zip(req.items[-n:], req.ratings[-n:])]
+        history = render_history(events) if events else None
+    title = ds.item_titles([req.target_item])[0] if req.target_item is not None else None
+    if question is None:
+        if task == "reviewg" and title is None:
+            raise UserError("the reviewg task needs the reviewed item: use --split test|val or --item RAW_ID")
+        return build_prompt(task, history, category_word=category_word, item_title=title)
+    return f"{HISTORY_HEADER}\n{history}\n{question}\n{ANSWER}" if history else f"{question}\n{ANSWER}"
+
+
+def prompt_ids(tok, prompts: Sequence[str], max_length: int | None, reserve: int) -> list[list[int]]:
+    """BOS + prompt tokens; prompts longer than the LLM's context lose their oldest tokens (as in training)."""
+    out = []
+    for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]:
+        if max_length is not None and 1 + len(ids) + reserve > max_length:
+            ids = ids[len(ids) - max(0, max_length - 1 - reserve):]
+        out.append([tok.bos_token_id] + ids)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generation
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_return: int = 1
+    constrained: bool = False
+
+
+@torch.no_grad()
+def generate_batch(run, requests: Sequence[Request], prompts: Sequence[str], opts: DecodeOptions) -> list[dict]:
+    """Generations for one batch of requests: [{"generations": [...], "scores": [...] | None}, ...]."""
+    from .decoding import HFStepper, UserLLMStepper, constrained_beam_search, left_pad
+
+    tok, model, dev = run.tok, run.model, run.device
+    reserve = max(opts.max_new_tokens, 32)
+    ids, mask = left_pad(prompt_ids(tok, prompts, run.batcher.max_length, reserve), tok.pad_token_id)
+    ids, mask = ids.to(dev), mask.to(dev)
+    feats = lengths = None
+    if run.user_llm:
+        feats, lengths = event_features(run.ds, requests)
+        feats, lengths = [f.to(dev) for f in feats], lengths.to(dev)
+    with run.amp():
+        if opts.constrained:
+            catalogue = run.batcher.catalogue
+            trie = catalogue.trie(tok)
+            if run.user_llm:
+                stepper = UserLLMStepper(model)
+                logits, past = stepper.prefill(ids, mask, feats, lengths)
+            else:
+                stepper = HFStepper(model.llm)
+                logits, past = stepper.prefill(ids, mask)
+            out = constrained_beam_search(stepper, logits, past, trie, num_beams=max(opts.num_beams, opts.num_return),
+                                          top_k=opts.num_return)
+            return [{"generations": [catalogue.entries[e] for e in ents], "scores": [round(s, 4) for s in sc]}
+                    for ents, sc in zip(out.entries, out.scores)]
+        kwargs: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
+                                      do_sample=opts.do_sample, num_return_sequences=opts.num_return,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                      return_dict_in_generate=True, output_scores=opts.num_beams > 1)
+        if opts.do_sample:
+            kwargs.update(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
+        if run.user_llm:
+            out = model.generate(ids, mask, features=feats, lengths=lengths, **kwargs)
+        else:
+            out = model.llm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    new = out.sequences[:, ids.shape[1]:]
+    texts = [tok.decode(x, skip_special_tokens=True).strip() for x in new.tolist()]
+    scores = getattr(out, "sequences_scores", None)
+    n = opts.num_return
+    return [{"generations": texts[b * n:(b + 1) * n],
+             "scores": None if scores is None else [round(float(s), 4) for s in scores[b * n:(b + 1) * n]]}
+            for b in range(len(requests))]
+
+
+def generate(run, requests: Sequence[Request], opts: DecodeOptions, question: str | None = None,
+             batch_size: int = 8) -> list[dict]:
+    """One output record per request (module docstring), in request order."""
+    from .text_prompt import PromptRenderer
+
+    cfg, ds = run.cfg, run.ds
+    text_events = None if cfg.baseline == "textprompt" else cfg.text_events
+    category_word = PromptRenderer(ds).category_word
+    records = []
+    for a in range(0, len(requests), batch_size):
+        chunk = list(requests[a:a + batch_size])
+        prompts = [prompt_text(ds, cfg.task, r, text_events, question, category_word) for r in chunk]
+        for r, p, g in zip(chunk, prompts, generate_batch(run, chunk, prompts, opts)):
+            rec = {**r.info, "history": [str(x) for x in ds.events.items.raw_ids[ds.item_index[r.items]]],
+                   "prompt": p, **g}
+            if rec["scores"] is None:
+                del rec["scores"]
+            records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{message}\n{self.format_usage().strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m userllm.generate", description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("run_dir", help="a run directory written by python -m userllm.train")
+    who = ap.add_argument_group("users (at least one of)")
+    who.add_argument("--users", type=int, nargs="+", default=[], metavar="INDEX", help="dataset user indices")
+    who.add_argument("--user-ids", nargs="+", default=[], metavar="ID", help="the source's raw user ids")
+    who.add_argument("--histories", metavar="FILE.json", help="JSON histories of raw item ids")
+    ap.add_argument("--split", choices=SPLITS, default="all",
+                    help="dataset users: all = the most recent events; test/val = the evaluation example "
+                         "(with its reference)")
+    ap.add_argument("--prompt", default=None, help="question replacing the task's (default: the run's task prompt)")
+    ap.add_argument("--item", default=None, help="reviewg: raw id of the item to review (--split all / histories)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
+    ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--num-return", type=int, default=1, help="sequences returned per user")
+    ap.add_argument("--constrained", action="store_true",
+                    help="trie-constrained beam search over the catalogue (nextitem / favgenre)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
+    ap.add_argument("--device", default=None, help="override the run's --device")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default=None, help="write JSON lines here instead of printing them")
+    return ap
+
+
+def check_options(args, opts: DecodeOptions) -> None:
+    for name in ("max_new_tokens", "num_beams", "num_return", "batch_size", "top_k"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
+    if not (args.users or args.user_ids or args.histories):
+        raise UserError("choose users: --users INDEX..., --user-ids ID... and/or --histories FILE.json")
+    if opts.constrained and opts.do_sample:
+        raise UserError("--constrained is a beam search; it cannot be combined with --do-sample")
+    if not opts.constrained and not opts.do_sample and opts.num_return > opts.num_beams:
+        raise UserError(f"--num-return {opts.num_return} needs --num-beams >= {opts.num_return} (or --do-sample)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = DecodeOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_return=args.num_return, constrained=args.constrained)
+    check_options(args, opts)
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"{args.run_dir}: no such run directory")
+    from .evaluate import load_run
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
+    if opts.constrained and run.batcher.catalogue is None:
+        raise UserError(f"--constrained needs a catalogue task (nextitem / favgenre); this run's task is "
+                        f"{run.cfg.task}")
+    ds, window = run.ds, run.cfg.window
+    requests = dataset_requests(ds, run.cfg.task, window, resolve_users(ds, args.users, args.user_ids), args.split)
+    if args.histories:
+        requests += read_histories(args.histories, ds, window)
+    if args.item is not None:
+        vid = ds.vocabs["item"].id(args.item)
+        if vid == 0:
+            raise UserError(f"--item {args.item}: unknown item id (not in the {ds.name} catalogue)")
+        for r in requests:
+            r.target_item = int(vid)
+    torch.manual_seed(args.seed)
+    records = generate(run, requests, opts, question=args.prompt, batch_size=args.batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.out:
+        write_text(Path(args.out), lines)
+        print(f"wrote {len(records)} generations to {args.out}")
+    else:
+        print(lines, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
