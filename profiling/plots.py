@@ -45,15 +45,25 @@ def _finish(ax, title: str, ylabel: str, xs: Sequence[int], log: bool | None = N
     ax.set_ylabel(ylabel)
     if xs:
         ax.set_xticks(sorted(set(xs)))
+    vals = [y for line in ax.get_lines() for y in line.get_ydata() if y and y > 0]
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, "not measured in these runs", ha="center", va="center", transform=ax.transAxes,
+                color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
     if log is None:
-        vals = [y for line in ax.get_lines() for y in line.get_ydata() if y and y > 0]
         log = bool(vals) and max(vals) / min(vals) > 30
+    elif log and (not vals or max(vals) / min(vals) < 10):
+        # Within one decade a log axis shows no major tick labels at all: use a linear one.
+        log = False
+        ax.set_ylabel(ylabel.replace(" (log scale)", "").replace(", log scale", ""))
     if log:
         ax.set_yscale("log")
         ax.yaxis.set_minor_formatter(NullFormatter())
-        vals = [y for line in ax.get_lines() for y in line.get_ydata() if y and y > 0]
         if vals and max(vals) / min(vals) < 100:      # few decades: label some minor ticks too
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, p: _human(v) if str(int(v))[0] in "25" else ""))
+    elif vals:
+        ax.set_ylim(0, 1.1 * max(vals))   # counts start at 0, so near-equal values look near-equal
     ax.yaxis.set_major_formatter(FuncFormatter(_human))
     ax.grid(True, which="major", alpha=0.35)
     if ax.get_legend_handles_labels()[0]:

@@ -180,6 +180,12 @@ def _energy(s: dict | None, key: str) -> str:
     return s.get("energy_note") or "n/a"
 
 
+def _inference_phrase(new_tokens: int | None) -> str:
+    if new_tokens is None:
+        return "inference was not profiled in these runs: training profiles only"
+    return f"prefill + {new_tokens} generated tokens"
+
+
 def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]], plots: list[str]) -> str:
     any_run = summaries[0]
     lines = ["# User-LLM vs TextPrompt: tokens, FLOPs, time, memory, energy", ""]
@@ -191,7 +197,7 @@ def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
     lines += ["", "## Table 3 (paper) against our measurements", "",
               "LLM input tokens per example (mean over the batch: BOS + prompt, plus soft-prompt positions; "
               "cross-attention adds none). FLOPs reduction = TextPrompt FLOPs / User-LLM FLOPs for inference "
-              f"(prefill + {any_run.get('new_tokens')} generated tokens). *LLM* counts the LLM alone (the paper's "
+              f"({_inference_phrase(any_run.get('new_tokens'))}). *LLM* counts the LLM alone (the paper's "
               "estimate); *total* adds the encoder, projection, Perceiver and cross-attention. *6ND* is the "
               "paper's 2N-per-token estimate: the token ratio.", "",
               "| history | User-LLM tokens | TextPrompt tokens | paper tokens (UL / TP) | 6ND estimate | "
