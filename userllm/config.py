@@ -66,8 +66,8 @@ class TrainConfig:
     perceiver_layers: int = opt(1, "Perceiver resampler layers", min=1)
     soft_prompt_tokens: int = opt(4, "learned task-prompt tokens (soft-prompt integration)", min=0)
     strategy: str = opt("full", "trainable parts: full (everything), lora (LoRA on the LLM + encoder + "
-                        "projections), enc (encoder + integration), proj (integration only); the embedded "
-                        "default LLM is random, so its frozen-LLM strategies (lora/enc/proj) need --llm",
+                        "projections), enc (encoder + integration), proj (integration only); with the embedded "
+                        "default LLM the frozen-LLM strategies need --llm-pretrain-steps > 0",
                         choices=STRATEGIES)
     lora_rank: int = opt(8, "LoRA rank (strategy lora)", min=1)
     baseline: str = opt("none", "textprompt = the TextPrompt baseline: history as text, no user encoder",
@@ -80,6 +80,10 @@ class TrainConfig:
                           min=32)
     llm_layers: int = opt(2, "embedded default LLM: decoder layers", min=1)
     tokenizer_vocab: int = opt(2048, "embedded default LLM: BPE vocabulary size", min=300)
+    llm_pretrain_steps: int = opt(300, "embedded default LLM: causal-LM pretraining steps on the dataset's own "
+                                  "text (titles, categories, reviews, prompt templates) before User-LLM training, "
+                                  "cached beside the tokenizer; makes the frozen-LLM strategies (enc/proj/lora) "
+                                  "usable (0 = random LLM)", min=0)
     max_target_tokens: int = opt(32, "maximum target tokens (review generation)", min=1)
     # optimisation
     steps: int = opt(1000, "training steps", min=1)
