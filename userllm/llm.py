@@ -185,7 +185,7 @@ def pretrain_default_llm(model, tok, texts: Sequence[str], config: LMPretrainCon
     """
     import time
 
-    from .training import cosine_with_warmup, progress
+    from .training import cosine_with_warmup, optimizer_step, progress
 
     cfg = config or LMPretrainConfig()
     stream = corpus_token_stream(list(texts), tok, cfg.seed)
@@ -204,12 +204,7 @@ def pretrain_default_llm(model, tok, texts: Sequence[str], config: LMPretrainCon
             batch = lm_batch(stream, step, cfg.batch_size, cfg.block, cfg.seed).to(device)
             # HF shifts the labels inside the model: position t predicts token t+1.
             loss = model(input_ids=batch, labels=batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -52,8 +52,8 @@ from .cli import run_cli
 from .encoders import ENCODERS, build_encoder, save_encoder
 from .errors import UserError
 from .metrics import label_ranks, metrics_from_ranks, popularity_scores
-from .training import (MetricsLogger, autocast, cosine_with_warmup, eval_mode, pick_device, progress,
-                       read_run_config, seed_everything, write_metrics, write_run_config)
+from .training import (MetricsLogger, autocast, cosine_with_warmup, eval_mode, optimizer_step, pick_device,
+                       progress, read_run_config, seed_everything, write_metrics, write_run_config)
 
 DATASETS = ("synthetic", "movielens", "amazon", "google_local")
 ENCODER_FILE = "encoder.safetensors"
@@ -393,12 +393,7 @@ def pretrain_encoder(ds, cfg: PretrainConfig, device: torch.device, *, windows=N
         with autocast(device):
             loss, per_feature = encoder.next_event_loss([x.to(device) for x in batch.features],
                                                         batch.lengths.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, encoder.parameters(), cfg.grad_clip)
         step += 1
         last = loss.item()
         first = last if first is None else first

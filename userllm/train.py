@@ -45,8 +45,8 @@ from .config import TrainConfig, parse_config
 from .errors import UserError
 from .evaluate import (eval_subset, format_table, generate_and_score, popularity_baseline,
                        teacher_forced_loss)
-from .training import (MetricsLogger, autocast, cosine_with_warmup, pick_device, progress, seed_everything,
-                       write_metrics, write_run_config)
+from .training import (MetricsLogger, autocast, cosine_with_warmup, optimizer_step, pick_device, progress,
+                       seed_everything, write_metrics, write_run_config)
 from .utils.atomic import write_json
 
 # Options that may differ between a run and its resumption (they do not change the trained weights).
@@ -472,15 +472,10 @@ def train(cfg: TrainConfig) -> dict:
     first_loss = None
     profiler = TrainProfiler(cfg, device) if cfg.profile and dist.main else None
 
-    def optimizer_step(lb) -> torch.Tensor:
+    def train_step(lb) -> torch.Tensor:
         with amp():
             loss = forward_loss(ddp_model, lb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
         return loss
 
     if profiler is not None:
@@ -493,10 +488,10 @@ def train(cfg: TrainConfig) -> dict:
         lb = batcher.train_batch(events).to(device)
         if profiler is not None and profiler.train_step is None:
             box: list[torch.Tensor] = []
-            profiler.first_step(model, lambda: box.append(optimizer_step(lb)), lb, batcher, events)
+            profiler.first_step(model, lambda: box.append(train_step(lb)), lb, batcher, events)
             loss = box[0]
         else:
-            loss = optimizer_step(lb)
+            loss = train_step(lb)
         step += 1
         if profiler is not None:
             if device.type == "cuda":

@@ -167,3 +167,15 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, params,
+                   grad_clip: float = 0.0) -> None:
+    """Backward ``loss``, clip the gradient norm of ``params`` to ``grad_clip`` (0 = no clipping), step the
+    optimizer and the LR scheduler. Gradients are cleared first, so no stale gradient leaks in."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
