@@ -39,3 +39,13 @@ def shared_data() -> Path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: their matmuls are too small to gain from a second
+    thread, and on a shared 2-core machine waiting for it made them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,12 +17,7 @@ SPECS = [dict(name="item", num_embeddings=25, multi_valued=False),
          dict(name="category", num_embeddings=6, multi_valued=True)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fresh(seed: int):

@@ -20,13 +20,7 @@ SMALL = DefaultLLMConfig(hidden_size=32, intermediate_size=64, num_attention_hea
 RECIPE = dict(batch_size=8, block=32, warmup=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is several times faster than two on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(model) -> dict[str, torch.Tensor]:

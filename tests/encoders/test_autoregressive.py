@@ -18,13 +18,7 @@ SPECS = [dict(name="item", num_embeddings=40, multi_valued=False),
          dict(name="rating", num_embeddings=6, multi_valued=False),
          dict(name="category", num_embeddings=9, multi_valued=True)]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is fastest, and the 2 cores are shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
