@@ -26,16 +26,16 @@ fp32 inputs use ``input_precision="ieee"`` dots (no TF32) so fp32 results match 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import interpreter_requested
 from .reference import check_lengths
 
 #: True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = interpreter_requested()
 
 LOG2E = 1.4426950408889634
 

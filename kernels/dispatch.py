@@ -80,13 +80,18 @@ class use_backend:
         _override = self.previous
 
 
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter now (what kernels decorated now will use)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_interpreted() -> bool:
     """Whether the Triton kernels run (or, not yet imported, would run) in the Triton interpreter."""
-    for name in ("embedding_concat", "cached_attention"):
+    for name in ("embedding", "cached_attention"):
         mod = sys.modules.get(f"{__package__}.{name}")
         if mod is not None:
             return mod.INTERPRETED
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreter_requested()
 
 
 def _triton_importable() -> bool:

@@ -23,17 +23,17 @@ few times gets one. Runs strictly inside a chunk have a single writer.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import interpreter_requested
 from .reference import check_embedding_inputs
 
 #: True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = interpreter_requested()
 
 
 @triton.jit
