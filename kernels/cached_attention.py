@@ -171,13 +171,33 @@ def _attn_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-def _blocks(group: int, t: int, d: int, n: int) -> dict:
-    """Tile sizes: rows = GROUP x BLOCK_T query rows (>= 16 for tl.dot), keys in BLOCK_N >= 16 blocks."""
-    block_t = max(1, min(triton.next_power_of_2(t), 64 // group if group <= 64 else 1))
+def _tiles(backward: bool, dtype: torch.dtype, group: int, t: int, d: int, n: int) -> dict:
+    """Tile sizes and warps of one launch.
+
+    Rows = GROUP x BLOCK_T query rows (>= 16 for ``tl.dot``), keys in BLOCK_N >= 16 blocks. The sizes keep
+    every kernel in registers: ``python -m userllm.kernels.compile_check`` (ptxas for sm_80 and sm_90)
+    showed the earlier one-size choice (64 rows x 32 keys x D=128, 4 warps) spilling 48-376 bytes per
+    thread in the bf16 backward and up to 13 KB in fp32, where ``ieee`` dots run on the FMA units and
+    hold about twice the registers. Hence: fewer rows in the backward (it keeps K, V, dK and dV of its
+    key block on chip), half the tile in fp32, and 8 warps for the backward at D = 128 (D >= 64 in fp32)
+    and the fp32 forward at D >= 64. (8 warps elsewhere made sm_80 spill where 4 did not.)
+    """
+    fp32 = dtype == torch.float32
+    rows = (32 if backward else 64) // (2 if fp32 else 1)
+    block_t = max(1, min(triton.next_power_of_2(t), rows // group if group <= rows else 1))
     block_r = max(16, triton.next_power_of_2(group * block_t))
     block_d = max(16, triton.next_power_of_2(d))
-    block_n = max(16, min(64 if block_d <= 64 else 32, triton.next_power_of_2(n)))
-    return dict(GROUP=group, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d)
+    if fp32 and (backward or d > 32):
+        block_n = 16
+    else:
+        block_n = 64 if block_d <= 64 else 32
+    block_n = max(16, min(block_n, triton.next_power_of_2(n)))
+    wide = block_d > (32 if fp32 else 64)
+    num_warps = 8 if wide and (backward or fp32) else 4
+    # software pipelining of the backward's q/dO loads costs the fp32 D = 128 tile 144-160 bytes of spill
+    num_stages = 1 if fp32 and backward and block_d > 64 else 3
+    return dict(GROUP=group, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -211,13 +231,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_leng
     lse = torch.empty((B, T, Hq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    blocks = _blocks(Hq // Hkv, T, D, N)
+    blocks = _tiles(False, q.dtype, Hq // Hkv, T, D, N)
     grid = (B, Hkv, triton.cdiv(T, blocks["BLOCK_T"]))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, kv_lengths.contiguous(), scale * LOG2E,
         *_q_strides(q), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), T, N, Hq, D,
-        DOT_PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4, **blocks,
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16, **blocks,
     )
     return out, lse
 
@@ -240,7 +260,7 @@ def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dv = torch.empty_like(v)
     if B * T * Hq * D and N:
         delta = (grad.float() * out.float()).sum(-1).contiguous()  # [B, T, Hq] = rowsum(dO * O)
-        blocks = _blocks(Hq // Hkv, T, D, N)
+        blocks = _tiles(True, q.dtype, Hq // Hkv, T, D, N)
         grid = (B, Hkv, triton.cdiv(N, blocks["BLOCK_N"]))
         _attn_bwd_kernel[grid](
             q, k, v, grad, lse, delta, kv_lengths.contiguous(), dq_acc, dk, dv,
@@ -248,7 +268,7 @@ def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *_q_strides(q), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             grad.stride(0), grad.stride(1), grad.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), T, N, Hq, D,
-            DOT_PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4, **blocks,
+            DOT_PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16, **blocks,
         )
     else:
         dk.zero_()

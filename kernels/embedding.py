@@ -108,13 +108,16 @@ def _fwd_blocks(d: int) -> tuple[int, int]:
     return block_e, block_d
 
 
-def _bwd_blocks(d: int) -> tuple[int, int]:
-    """(BLOCK_D, CHUNK) of the backward. The interpreter runs a custom-combine scan element by element in
-    Python, so under it the tiles shrink to 16 x 16 (which also makes tests cross chunk boundaries)."""
+def _bwd_blocks(d: int) -> tuple[int, int, int]:
+    """(BLOCK_D, CHUNK, num_warps) of the backward. The interpreter runs a custom-combine scan element by
+    element in Python, so under it the tiles shrink to 16 x 16 (which also makes tests cross chunk
+    boundaries). Compiled, a 4k-element tile takes 8 warps: with 4, ptxas for sm_80 needs all 255
+    registers and spills (``python -m userllm.kernels.compile_check``); with 8 it uses 155 and none."""
     if INTERPRETED:
-        return min(16, triton.next_power_of_2(d)), 16
+        return min(16, triton.next_power_of_2(d)), 16, 4
     block_d = min(64, triton.next_power_of_2(d))
-    return block_d, max(32, min(256, 4096 // block_d))
+    chunk = max(32, min(256, 4096 // block_d))
+    return block_d, chunk, 8 if chunk * block_d >= 4096 else 4
 
 
 def embedding_concat_forward(ids: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], pooling: str) -> torch.Tensor:
@@ -159,10 +162,10 @@ def embedding_concat_backward(grad: torch.Tensor, ids: Sequence[torch.Tensor], t
         sorted_ids, order = torch.sort(keys)
         dtable = torch.zeros((V, D), dtype=torch.float32, device=grad.device)
         if keys.numel() and D:
-            block_d, chunk = _bwd_blocks(D)
+            block_d, chunk, num_warps = _bwd_blocks(D)
             grid = (triton.cdiv(keys.numel(), chunk), triton.cdiv(D, block_d))
             _emb_bwd_kernel[grid](sorted_ids, order, weight.reshape(-1), grad, dtable, keys.numel(), K, D,
-                                  total, offset, CHUNK=chunk, BLOCK_D=block_d, num_warps=4)
+                                  total, offset, CHUNK=chunk, BLOCK_D=block_d, num_warps=num_warps)
         grads.append(dtable.to(table.dtype))
         offset += D
     return grads

@@ -160,6 +160,8 @@ class CompareConfig:
     dataset: str = "synthetic"
     path: str | None = None
     llm: str | None = None
+    llm_hidden: int | None = None       # embedded default LLM size (None: 128 x 2 layers, 64 x 2 with tiny)
+    llm_layers: int | None = None
     task: str = "nextitem"
     lengths: list[int] = field(default_factory=lambda: [50, 100, 200])
     batch_size: int = 4
@@ -200,7 +202,10 @@ def _build_models(cfg: CompareConfig, ds):
         llm, tok = load_llm(cfg.llm)
     else:
         llm_cfg = DefaultLLMConfig()
-        if cfg.tiny:
+        if cfg.llm_hidden or cfg.llm_layers:
+            llm_cfg = DefaultLLMConfig.sized(cfg.llm_hidden or llm_cfg.hidden_size,
+                                             cfg.llm_layers or llm_cfg.num_hidden_layers)
+        elif cfg.tiny:
             llm_cfg = DefaultLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=1024)
         llm, tok = load_llm(None, texts=corpus_texts(ds), cache_dir=default_cache_dir(), seed=cfg.seed,
@@ -339,6 +344,13 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> 
         raise UserError("--lengths must be positive integers")
     if cfg.batch_size < 1 or cfg.steps < 0 or cfg.new_tokens < 2:
         raise UserError("need --batch-size >= 1, --steps >= 0 and --new-tokens >= 2")
+    if cfg.llm and (cfg.llm_hidden or cfg.llm_layers):
+        raise UserError("--llm-hidden/--llm-layers size the embedded default LLM; they cannot be used with --llm")
+    for flag, value in (("--llm-hidden", cfg.llm_hidden), ("--llm-layers", cfg.llm_layers)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: must be positive, got {value}")
+    if cfg.llm_hidden and cfg.llm_hidden % (32 if cfg.llm_hidden < 512 else 64):
+        raise UserError(f"--llm-hidden: must be a multiple of 32 (of 64 from 512), got {cfg.llm_hidden}")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dataset", default=d.dataset, help="synthetic | movielens | amazon | google_local")
     ap.add_argument("--path", default=None, help="the dataset's files (real datasets)")
     ap.add_argument("--llm", default=None, help="a local Hugging Face causal LM directory (default: embedded tiny Llama)")
+    ap.add_argument("--llm-hidden", type=int, default=None,
+                    help="embedded default LLM width (e.g. 1024 with --llm-layers 8: ~102M parameters)")
+    ap.add_argument("--llm-layers", type=int, default=None, help="embedded default LLM decoder layers")
     ap.add_argument("--task", default=d.task, choices=["nextitem", "favgenre"])
     ap.add_argument("--lengths", type=int, nargs="+", default=d.lengths, help="history lengths (events)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -81,3 +81,17 @@ def test_spec_round_trip(tmp_path):
     assert t2.get_vocab() == tok.get_vocab()
     assert m2.config.hidden_size == 32 and sum(p.numel() for p in m2.parameters()) == \
         sum(p.numel() for p in model.parameters())
+
+
+def test_sized_default_llm_layouts():
+    assert DefaultLLMConfig.sized(128, 2) == DefaultLLMConfig()       # the embedded default is the small size
+    big = DefaultLLMConfig.sized(1024, 8)
+    assert (big.num_attention_heads, big.num_key_value_heads, big.intermediate_size) == (16, 8, 3072)
+    # the benchmark's ">= ~100M parameter" LLM, counted on the meta device (no memory)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from dataclasses import asdict
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**asdict(big)))
+    assert 100e6 < sum(p.numel() for p in model.parameters()) < 110e6
+    with pytest.raises(ValueError, match="head size 64"):
+        DefaultLLMConfig.sized(544, 2)

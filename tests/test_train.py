@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_args(cache: Path, out: Path, **over) -> list[str]:
     opts = dict(synthetic_users=24, synthetic_items=30, synthetic_events=12, window=6, llm_hidden=32,
                 llm_layers=2, tokenizer_vocab=400, encoder_dim=16, encoder_layers=1, pretrain_steps=0,
+                llm_pretrain_steps=0,  # the LLM-pretraining cache is tested in test_llm_pretrain.py
                 steps=12, batch_size=8, lr=1e-2, warmup=2, eval_users=4, beams=5, eval_batch_size=4,
                 threads=1, log_every=1, checkpoint_every=100, cache_dir=cache, out=out)
     opts.update(over)

@@ -76,7 +76,8 @@ class TrainConfig:
                            "e.g. AR50TP10 = --window 50 --text-events 10)", min=0)
     # LLM
     llm: str | None = opt(None, "local Hugging Face causal-LM directory (default: embedded tiny Llama)")
-    llm_hidden: int = opt(128, "embedded default LLM: width (heads = width / 32, half as many KV heads)",
+    llm_hidden: int = opt(128, "embedded default LLM: width (heads of 32 dims below 512, of 64 from 512; "
+                          "half as many KV heads)",
                           min=32)
     llm_layers: int = opt(2, "embedded default LLM: decoder layers", min=1)
     tokenizer_vocab: int = opt(2048, "embedded default LLM: BPE vocabulary size", min=300)
@@ -139,8 +140,8 @@ class TrainConfig:
         if self.baseline == "textprompt" and self.strategy not in ("full", "lora"):
             raise UserError(f"--strategy: the TextPrompt baseline trains the LLM with full or lora, not "
                             f"{self.strategy!r}")
-        if self.llm_hidden % 32:
-            raise UserError(f"--llm-hidden: must be a multiple of 32, got {self.llm_hidden}")
+        if self.llm_hidden % (32 if self.llm_hidden < 512 else 64):
+            raise UserError(f"--llm-hidden: must be a multiple of 32 (of 64 from 512), got {self.llm_hidden}")
         if self.dataset != "synthetic" and self.data_path is None:
             raise UserError(f"--data-path: required for --dataset {self.dataset}")
 

@@ -58,6 +58,18 @@ class DefaultLLMConfig:
     vocab_size: int = 2048  # BPE merges stop here (or earlier when the corpus is small)
     tie_word_embeddings: bool = True
 
+    @classmethod
+    def sized(cls, hidden: int, layers: int, vocab_size: int = 2048) -> "DefaultLLMConfig":
+        """The default layout at another size: MLP 3x wide, heads of 32 dims below width 512 and of 64 from
+        there (GPU-friendly), half as many KV heads as query heads. ``sized(1024, 8)`` has ~102M parameters
+        (the issue's ">= ~100M" LLM of the inference benchmark); ``sized(128, 2)`` is the default."""
+        head_dim = 32 if hidden < 512 else 64
+        if hidden % head_dim:
+            raise ValueError(f"LLM width {hidden} is not a multiple of its head size {head_dim}")
+        heads = hidden // head_dim
+        return cls(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                   num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=vocab_size)
+
 
 def _tokenizer_key(texts: Sequence[str], vocab_size: int) -> str:
     h = hashlib.sha256()

@@ -133,10 +133,7 @@ def build_llm(cfg: TrainConfig, ds, log=print):
 
     if cfg.llm is not None:
         return load_llm(cfg.llm)
-    heads = cfg.llm_hidden // 32
-    default = DefaultLLMConfig(hidden_size=cfg.llm_hidden, intermediate_size=3 * cfg.llm_hidden,
-                               num_hidden_layers=cfg.llm_layers, num_attention_heads=heads,
-                               num_key_value_heads=max(1, heads // 2), vocab_size=cfg.tokenizer_vocab)
+    default = DefaultLLMConfig.sized(cfg.llm_hidden, cfg.llm_layers, cfg.tokenizer_vocab)
     return load_llm(None, texts=corpus_texts(ds), cache_dir=cache_root(cfg, ds), seed=cfg.seed,
                     default_config=default, pretrain_steps=cfg.llm_pretrain_steps, log=log)
 

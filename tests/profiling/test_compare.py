@@ -129,3 +129,16 @@ def test_generation_flops_match_analytic_per_component():
         measured = fc.breakdown()
         for comp in ("llm", "projection", "perceiver", "cross_attention"):
             assert measured[comp] == total[comp], (integration, comp)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--llm", "x", "--llm-hidden", "256"], "cannot be used with --llm"),
+    (["--llm-hidden", "544"], "multiple of 32 \\(of 64 from 512\\)"),
+    (["--llm-layers", "0"], "--llm-layers: must be positive"),
+])
+def test_llm_size_options_are_checked_before_any_work(tmp_path, argv, message):
+    from userllm.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        compare.main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
