@@ -51,7 +51,8 @@ class Launch:
     def signature(self) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) the way Triton's JIT specializes a launch: pointers and ints
         divisible by 16 get the divisibility hint, ints equal to 1 become constants. Tensors are assumed
-        16-byte aligned (true of every fresh CUDA allocation, which is what the launchers pass)."""
+        16-byte aligned (true of every fresh CUDA allocation, which is what the launchers pass). Checked
+        against Triton's own launcher by :func:`specialization_mismatch` where its internals allow."""
         signature, constexprs, attrs = {}, {}, {}
         for index, param in enumerate(self.kernel.params):
             name, value = param.name, self.args[param.name]
@@ -248,6 +249,31 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
     return result
 
 
+def specialization_mismatch(launch: Launch, arch: int) -> str | None:
+    """Compare :meth:`Launch.signature` with what Triton's own launcher would specialize (its internal
+    binder, called without a GPU). Returns a description of the difference, None when they agree or when
+    this Triton version has no such internal API (it is not public, so it may move)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError:
+        return None
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", arch, 32)))
+    positional = [launch.args[p.name] for p in kernel.params if not p.is_constexpr]
+    keywords = {p.name: launch.args[p.name] for p in kernel.params if p.is_constexpr}
+    _, specialization, _ = binder(*positional, **keywords, **launch.options)
+    signature, constexprs, attrs = launch.signature()
+    for index, (param, (kind, spec)) in enumerate(zip(kernel.params, specialization)):
+        ours = (signature[param.name], constexprs.get((index,)) if signature[param.name] == "constexpr"
+                else ("D" if (index,) in attrs else ""))
+        theirs = (kind, spec if kind == "constexpr" else (spec or ""))
+        if ours != theirs:
+            return f"{kernel.__name__}.{param.name}: ours {ours}, Triton's {theirs}"
+    return None
+
+
 def check(archs: tuple[int, ...] = (80, 90), selected: list[str] | None = None) -> list[CompileResult]:
     """Record the launches of every workload (or those whose name contains one of ``selected``) and
     compile each distinct one for each architecture."""
@@ -262,7 +288,12 @@ def check(archs: tuple[int, ...] = (80, 90), selected: list[str] | None = None) 
     results = []
     for arch in archs:
         for launch, names in distinct.values():
-            result = compile_launch(launch, arch)
+            mismatch = specialization_mismatch(launch, arch)
+            if mismatch:  # compiling it would check another program than the one a launch runs
+                result = CompileResult(launch.kernel.__name__, launch.describe(), f"sm_{arch}",
+                                       error=f"specialization differs from Triton's launcher: {mismatch}")
+            else:
+                result = compile_launch(launch, arch)
             result.workloads = sorted(set(names))
             results.append(result)
     return results
