@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 POOLINGS = ("mean", "sum")
 
@@ -91,14 +92,32 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengt
     return out.to(q.dtype)
 
 
+# kv_lengths tensor -> (its version counter, min, max) when last read: the range check costs a device sync,
+# and one lengths tensor serves every cross-attention layer at every decode step of a request, so it is
+# read once per tensor (and again only after an in-place change bumps its version).
+_length_ranges: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def check_lengths(kv_lengths: torch.Tensor, batch: int, n: int, op: str) -> None:
-    """Validate kv_lengths: int [batch] with values in [0, n] (value check skipped while compiling)."""
+    """Validate kv_lengths: int [batch] with values in [0, n] (value check skipped while compiling).
+
+    The values are read (one device sync) once per tensor and remembered until it is modified in place
+    (not for inference-mode tensors, which keep no version counter).
+    """
     if kv_lengths.dim() != 1 or kv_lengths.shape[0] != batch:
         raise ValueError(f"{op}: kv_lengths must be [B] = [{batch}], got {tuple(kv_lengths.shape)}")
     if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
         raise TypeError(f"{op}: kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
     if kv_lengths.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(torch.aminmax(kv_lengths)).tolist()  # one device sync
+        # inference-mode tensors keep no version counter, so an in-place change could not be seen: no memo
+        version = None if kv_lengths.is_inference() else kv_lengths._version
+        seen = _length_ranges.get(kv_lengths) if version is not None else None
+        if seen is not None and seen[0] == version:
+            lo, hi = seen[1:]
+        else:
+            lo, hi = torch.stack(torch.aminmax(kv_lengths)).tolist()  # one device sync
+            if version is not None:
+                _length_ranges[kv_lengths] = (version, lo, hi)
         if lo < 0 or hi > n:
             raise ValueError(f"{op}: kv_lengths must lie in [0, {n}], got [{lo}, {hi}]")
 

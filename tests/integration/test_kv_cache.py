@@ -118,3 +118,19 @@ def test_manual_decoding_with_past_and_reordered_context():
         perm = torch.tensor([2, 0, 1])
         reordered = model(ids[perm], user_context=ctx.index_select(perm)).logits
         assert torch.allclose(reordered, full[perm], atol=1e-5)
+
+
+def test_user_lengths_are_validated_once_per_request_not_per_layer_and_step(monkeypatch):
+    """The kv_lengths range check syncs a GPU with the host; it must not run per layer per decode step."""
+    model = make_model("llama")
+    feats, lens = toy_features([6, 3])
+    ids = torch.randint(3, 96, (2, 4), generator=torch.Generator().manual_seed(5))
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda x: reads.append(x.shape) or real(x))
+    counts = []
+    for new in (2, 2 * NEW):
+        reads.clear()
+        model.generate(ids, features=feats, lengths=lens, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        counts.append(len(reads))
+    assert len(model.xattn) == 3 and counts[0] == counts[1] <= 2, counts

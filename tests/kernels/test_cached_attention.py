@@ -111,6 +111,28 @@ def test_invalid_inputs_raise(bad):
             reference.cached_cross_attention(q, k, v, lens)
 
 
+def test_lengths_are_read_once_per_tensor_until_changed(monkeypatch):
+    """The range check syncs the device; one lengths tensor serves every layer and decode step of a
+    request, so its values are read once, and again only after an in-place change."""
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda x: reads.append(1) or real(x))
+    q, k, v, lens = make_inputs(2, 1, 4, 2, 8, 16, torch.float32)
+    for _ in range(3):
+        reference.cached_cross_attention(q, k, v, lens)
+        cached_attention.cached_cross_attention(q, k, v, lens)
+    assert len(reads) == 1
+    lens[0] = 9                                   # in place: the version counter moves, the check runs again
+    with pytest.raises(ValueError, match=r"\[0, 8\], got \[.*9\]"):
+        reference.cached_cross_attention(q, k, v, lens)
+    assert len(reads) == 2
+    with torch.inference_mode():                  # no version counter: read at every call
+        frozen = lens.clone().clamp_(max=8)
+        reference.cached_cross_attention(q, k, v, frozen)
+        reference.cached_cross_attention(q, k, v, frozen)
+    assert len(reads) == 4
+
+
 class _UserCrossAttention(torch.nn.Module):
     def __init__(self, d=16, hq=4, hkv=2):
         super().__init__()
