@@ -88,6 +88,22 @@ def test_dual_encoder_pretrain(tmp_path, cache):
     assert metrics["filter_seen"] is True and metrics["test"]["encoder"]["count"] == 60
 
 
+def test_dual_logq_correction_is_on_by_default_and_fed_the_train_item_counts(cache):
+    from userllm import pretrain
+
+    assert pretrain.parse_config(["--encoder", "dual"]).logq_correction is True
+    cfg = pretrain.parse_config(["--encoder", "dual", "--no-logq-correction", "--steps", "1", "--window", "8",
+                                 "--d-model", "16", "--layers", "1", "--cache-dir", cache])
+    assert cfg.logq_correction is False
+    cfg.logq_correction = True
+    ds = pretrain.load_data(cfg)
+    enc, _ = pretrain.pretrain_encoder(ds, cfg, torch.device("cpu"))
+    assert enc.config.logq_correction
+    counts = pretrain.train_item_counts(ds)
+    expected = ((counts.double() + 1) / (counts.double() + 1).sum()).log().float()
+    assert torch.allclose(enc.label_log_q, expected)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--encoder", "rnn"], "invalid choice: 'rnn'"),
     (["--steps", "-1"], "--steps must be >= 0"),

@@ -91,6 +91,7 @@ class PretrainConfig:
     negatives: str = "in_batch"     # dual: in_batch | sampled
     num_negatives: int = 256
     temperature: float = 0.07
+    logq_correction: bool = True    # dual, in_batch: subtract log p(item) from in-batch logits
     seed: int = 0
     out: str = "runs/pretrain"
     resume: bool = False
@@ -185,6 +186,7 @@ HELP = {
     "negatives": "dual: in_batch | sampled",
     "num_negatives": "dual: sampled negatives per step",
     "temperature": "dual: softmax temperature of the cosine scores",
+    "logq_correction": "dual, in_batch: correct in-batch negatives' popularity bias (log p(item) subtracted)",
     "seed": "seed of the initialization and the data order",
     "out": "run directory",
     "resume": "continue the run in --out from its latest checkpoint",
@@ -215,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=HELP[f.name])
+        if isinstance(default, bool):  # --flag / --no-flag for options that default to True
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true",
+                                default=default, help=HELP[f.name])
         elif default is None:
             parser.add_argument(flag, default=None, help=HELP[f.name])
         else:
@@ -271,7 +274,8 @@ def encoder_config(cfg: PretrainConfig, ds) -> dict:
         out["loss_weights"] = {k: v for k, v in weights.items() if k in names}
     else:
         out.update(num_user_embeddings=cfg.user_embeddings, fusion=cfg.fusion, negatives=cfg.negatives,
-                   num_negatives=cfg.num_negatives, temperature=cfg.temperature, label_feature="item")
+                   num_negatives=cfg.num_negatives, temperature=cfg.temperature, label_feature="item",
+                   logq_correction=cfg.logq_correction)
     return out
 
 
@@ -379,6 +383,8 @@ def pretrain_encoder(ds, cfg: PretrainConfig, device: torch.device, *, windows=N
         raise UserError(f"the {cfg.dataset} dataset has no training windows (users need >= 4 events)")
     total_steps = cfg.total_steps(len(windows))
     encoder = build_encoder(cfg.encoder, encoder_config(cfg, ds)).to(device)
+    if hasattr(encoder, "set_label_frequencies"):  # dual: the logQ correction's item frequencies
+        encoder.set_label_frequencies(train_item_counts(ds).to(device))
     optimizer, scheduler = make_optimizer(cfg, encoder, total_steps)
     step = 0
     if resume_from is not None:

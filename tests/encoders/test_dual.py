@@ -78,6 +78,30 @@ def test_in_batch_loss_matches_hand_computation():
     assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(3)), atol=1e-5)
 
 
+@pytest.mark.parametrize("correct", [True, False])
+def test_logq_correction_subtracts_each_candidates_log_frequency(correct):
+    enc = make_encoder(temperature=0.5, logq_correction=correct)
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    rows = torch.arange(4)
+    feats[0][rows, lengths - 1] = torch.tensor([4, 9, 11, 3])
+    plain, _ = make_encoder(temperature=0.5, logq_correction=False).next_event_loss(feats, lengths)
+    assert torch.allclose(enc.next_event_loss(feats, lengths)[0], plain)   # no frequencies yet: no correction
+    counts = torch.zeros(30)
+    counts[[4, 9, 11, 3]] = torch.tensor([99.0, 0.0, 9.0, 4.0])
+    enc.set_label_frequencies(counts)
+    log_q = ((counts + 1) / (counts + 1).sum()).log()
+    assert torch.allclose(enc.label_log_q, log_q)
+    history, hist_len, label = enc.split_history(feats, lengths)
+    u = F.normalize(enc(history, hist_len).embeddings, dim=-1)[:, 0]
+    v = F.normalize(enc.label_embeddings(label), dim=-1)
+    logits = u @ v.t() / 0.5 - (log_q[label][None, :] if correct else 0)
+    loss, _ = enc.next_event_loss(feats, lengths)
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.arange(4)), atol=1e-5)
+    assert "label_log_q" not in enc.state_dict()                          # set from data, never saved
+    with pytest.raises(ValueError, match="label counts must be \\[30\\]"):
+        enc.set_label_frequencies(torch.ones(29))
+
+
 def test_sampled_negatives_exclude_unk_and_follow_torch_rng():
     enc = make_encoder(negatives="sampled", num_negatives=8)
     feats, lengths = make_batch()

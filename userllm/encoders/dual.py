@@ -14,6 +14,12 @@ plain cosine). Loss: softmax cross-entropy of the true next item against ``negat
 (``num_negatives`` ids drawn uniformly from the vocabulary, shared by the batch, copies of the label
 masked). Labels that are padding or UNK are ignored.
 
+In-batch negatives are drawn by popularity: an item that is a label in many windows is a negative in many
+batches, so without correction the model learns to push popular items down. ``logq_correction``
+(Yi et al., RecSys 2019) subtracts log p(item) from every in-batch logit, where p is the item's share of
+the training labels, given once with :meth:`DualEncoder.set_label_frequencies` (the pretraining stage
+passes the train-part item counts; until then the correction is zero).
+
 Only the user tower is used downstream: ``forward`` returns [B, k, d_model] with an all-True mask.
 """
 
@@ -38,7 +44,8 @@ NEGATIVES = ("in_batch", "sampled")
 @dataclass
 class DualEncoderConfig(EncoderConfig):
     """EncoderConfig plus: num_user_embeddings (k), fusion, negatives, num_negatives, temperature,
-    label_feature (the feature the label tower embeds and the loss predicts)."""
+    label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
+    negatives only)."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
@@ -46,6 +53,7 @@ class DualEncoderConfig(EncoderConfig):
     num_negatives: int = 256
     temperature: float = 0.07
     label_feature: str = "item"
+    logq_correction: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +92,9 @@ class DualEncoder(nn.Module):
         self.fuse_mlp = _mlp(d, d)
         label_dim = self.features[self.label_index].dim
         self.label_mlp = _mlp(label_dim, d)
+        # log p(label id) in the training stream, for the logQ correction (not saved: set from the data)
+        self.register_buffer("label_log_q", torch.zeros(self.features[self.label_index].num_embeddings),
+                             persistent=False)
         init_linear_weights(self)
 
     @property
@@ -116,6 +127,14 @@ class DualEncoder(nn.Module):
             pos = (lengths[:, None] - k + torch.arange(k, device=h.device)[None, :]).clamp_min(0)
             u = self.fuse_mlp(h.gather(1, pos.unsqueeze(-1).expand(B, k, d)))
         return EncoderOutput(u, torch.ones(B, k, dtype=torch.bool, device=h.device))
+
+    def set_label_frequencies(self, counts: torch.Tensor) -> None:
+        """counts: [V] occurrences of every label id among the training labels; add-one smoothed into
+        ``label_log_q`` = log p(id) for the logQ correction of in-batch negatives."""
+        if counts.shape != self.label_log_q.shape:
+            raise ValueError(f"label counts must be [{self.label_log_q.shape[0]}], got {tuple(counts.shape)}")
+        counts = counts.double().clamp_min(0) + 1.0
+        self.label_log_q.copy_((counts / counts.sum()).log().to(self.label_log_q.dtype))
 
     # ---- label tower ----------------------------------------------------------------------------
     def label_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,6 +181,8 @@ class DualEncoder(nn.Module):
         label = label[keep]
         if self.config.negatives == "in_batch":
             logits = self.scores(user, self.label_embeddings(label))          # [B, B]
+            if self.config.logq_correction:
+                logits = logits - self.label_log_q[label][None, :]            # column j: candidate label j
             same = label[:, None] == label[None, :]
             eye = torch.eye(len(label), dtype=torch.bool, device=label.device)
             logits = logits.masked_fill(same & ~eye, float("-inf"))
