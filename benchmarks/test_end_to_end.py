@@ -147,45 +147,33 @@ def test_training_step_kernels(benchmark, setup, backend):
         step()
         peak = torch.cuda.max_memory_allocated()
     tokens = int(train.attention_mask.sum())
-    _info(benchmark, setup, backend=backend, peak_mem_bytes=peak, resolved_backend=kernels.get_backend(), batch=train.input_ids.shape[0],
-          text_len=train.input_ids.shape[1], history=L, tokens_per_step=tokens)
+    _info(benchmark, setup, backend=backend, peak_mem_bytes=peak, resolved_backend=kernels.get_backend(),
+          batch=train.input_ids.shape[0], text_len=train.input_ids.shape[1], history=L, tokens_per_step=tokens)
 
 
 # ----------------------------------------------------------------------------------- prefill / decode
-@pytest.mark.parametrize("method", ["userllm", "textprompt"])
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["L0", "L1", "L2"])
-def test_prefill(benchmark, setup, method, index):
+def _bench_generate(benchmark, setup, method: str, index: int, n_new: int) -> None:
     L = setup["lengths"][index]
     model = setup["models"][method].to(DEVICE).eval()
     _, prompt = _batches(setup, method, L)
-    kw = _gen_kwargs(method, prompt)
-    pad = setup["tok"].pad_token_id
-
-    def prefill():
-        with torch.no_grad():
-            out = model.generate(**kw, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=pad)
-        synchronize(DEVICE)
-        return out
-
-    out = benchmark(prefill)
-    assert out.shape[1] == prompt.input_ids.shape[1] + 1
+    out = benchmark(_generator(model, _gen_kwargs(method, prompt), n_new, setup["tok"].pad_token_id))
+    assert out.shape[1] == prompt.input_ids.shape[1] + n_new
     _info(benchmark, setup, method=method, history=L, batch=prompt.input_ids.shape[0],
-          prompt_len=prompt.input_ids.shape[1])
+          prompt_len=prompt.input_ids.shape[1], new_tokens=n_new)
+
+
+@pytest.mark.parametrize("method", ["userllm", "textprompt"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["L0", "L1", "L2"])
+def test_prefill(benchmark, setup, method, index):
+    """The prompt's forward pass and the first token."""
+    _bench_generate(benchmark, setup, method, index, 1)
 
 
 @pytest.mark.parametrize("method", ["userllm", "textprompt"])
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["L0", "L1", "L2"])
 def test_inference(benchmark, setup, method, index):
     """Prefill + 16 greedy tokens with the KV cache: the wall clock of the issue's >= 10x target."""
-    L = setup["lengths"][index]
-    model = setup["models"][method].to(DEVICE).eval()
-    _, prompt = _batches(setup, method, L)
-    kw = _gen_kwargs(method, prompt)
-    n_new = 4 if setup["smoke"] else NEW_TOKENS
-    out = benchmark(_generator(model, kw, n_new, setup["tok"].pad_token_id))
-    assert out.shape[1] == prompt.input_ids.shape[1] + n_new
-    _info(benchmark, setup, method=method, history=L, batch=prompt.input_ids.shape[0],
-          prompt_len=prompt.input_ids.shape[1], new_tokens=n_new)
+    _bench_generate(benchmark, setup, method, index, 4 if setup["smoke"] else NEW_TOKENS)
 
 
 def _decode_state(model, method, prompt, cache_user_kv=True):
