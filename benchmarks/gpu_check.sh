@@ -39,8 +39,9 @@ fi
 
 if has tests; then
   echo "== tests: kernels and the fused training step on the GPU"
-  python3 -m pytest tests/kernels tests/integration/test_fused_training_step.py -q -p no:cacheprovider \
-    -rs > "$OUT/tests.log" 2>&1 || status=1
+  # (the ahead-of-time compile check is for machines without a GPU: here the kernels compile for real)
+  python3 -m pytest tests/kernels tests/integration/test_fused_training_step.py \
+    --ignore=tests/kernels/test_compile_check.py -q -p no:cacheprovider -rs > "$OUT/tests.log" 2>&1 || status=1
   tail -15 "$OUT/tests.log"
 fi
 

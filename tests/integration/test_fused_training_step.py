@@ -2,8 +2,9 @@
 
 The model exercises all three ops: the autoregressive encoder's feature embedding (``embedding_concat``,
 with a multi-valued genre feature), the Perceiver (``latent_cross_attention``) and the LLM's gated user
-cross-attention with grouped-query heads (``cached_cross_attention``). Without a GPU the Triton kernels
-run in Triton's interpreter (``tests/conftest.py`` sets it up); the native backend is the C++ op.
+cross-attention with grouped-query heads (``cached_cross_attention``). On a GPU everything runs on it
+(the compiled Triton kernels, the native CUDA op); without one the Triton kernels run in Triton's
+interpreter (``tests/conftest.py`` sets it up) and the native backend is the C++ op.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from userllm.integration.testing import open_gates, tiny_llm
 from userllm.kernels import native
 
 VOCABS = {"item": 40, "rating": 6, "genre": 9}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_model(seed: int = 0) -> UserLLM:
@@ -30,7 +32,7 @@ def build_model(seed: int = 0) -> UserLLM:
     llm = tiny_llm("llama", hidden=32, heads=4, kv_heads=2, seed=seed)
     model = UserLLM(llm, encoder, UserLLMConfig(integration="xattn", perceiver_latents=5, xattn_kv_heads=2))
     open_gates(model, 0.5)          # closed gates would hide the user side from the loss
-    return model.train()
+    return model.to(DEVICE).train()
 
 
 def random_batch(seed: int):
@@ -44,7 +46,7 @@ def random_batch(seed: int):
     genre = genre.masked_fill(torch.rand(B, L, 3, generator=g) < 0.3, -1).masked_fill(~real[..., None], -1)
     genre[0, 2] = -1                               # a real event with no genre at all
     input_ids = torch.randint(3, 96, (B, 9), generator=g)
-    return [item, rating, genre], lengths, input_ids
+    return [x.to(DEVICE) for x in (item, rating, genre)], lengths.to(DEVICE), input_ids.to(DEVICE)
 
 
 def step(model: UserLLM, backend: str, seed: int):
@@ -67,8 +69,8 @@ EXPECTED_OPS = {
                "userllm::triton_cached_cross_attention", "userllm::triton_attention_backward"},
     "native": {"userllm_native::embedding_concat", "userllm_native::embedding_concat_backward"},
 }
-BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(not native.available(),
-                                                                      reason="native library not built"))]
+BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(
+    not native.available(DEVICE.type), reason=f"native library not built (for {DEVICE.type})"))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
