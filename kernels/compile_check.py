@@ -11,7 +11,7 @@ that ships with Triton) for the target architecture, and reads the cubin's resou
 spilled local memory, shared memory) with the ``cuobjdump`` that ships with Triton too.
 
 What it proves: the kernels compile for the architecture at the shapes of the issue and of the model,
-and how many registers they take and whether they spill. What it cannot prove: that the compiled code
+how many registers they take, whether they spill, and whether their memory accesses are 16 bytes wide. What it cannot prove: that the compiled code
 computes the right numbers or runs fast. That needs a GPU (``benchmarks/gpu_check.sh``).
 
     python -m userllm.kernels.compile_check                  # sm_80 and sm_90, all workloads
@@ -193,7 +193,17 @@ class CompileResult:
     registers: int | None = None
     local_bytes: int | None = None       # spilled registers / stack (should be 0)
     shared_bytes: int | None = None
+    sass: dict[str, int] = field(default_factory=dict)   # global-memory and matrix opcodes -> count
     seconds: float = 0.0
+
+    def memory_summary(self) -> str:
+        """e.g. 'ld 4/8x16B st 4/4x16B HMMA': 16-byte global accesses among all, and the matrix unit."""
+        def share(prefixes):
+            ops = {k: v for k, v in self.sass.items() if k.startswith(prefixes)}
+            wide = sum(v for k, v in ops.items() if k.endswith(".128"))
+            return f"{wide}/{sum(ops.values())}"
+        mma = sorted({k.split(".")[0] for k in self.sass if "MMA" in k}) or ["-"]
+        return f"ld {share(('LDG', 'LDGSTS'))}x16B st {share(('STG',))}x16B {'+'.join(mma)}"
 
 
 def _triton_tool(name: str) -> str | None:
@@ -221,6 +231,31 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+_SASS_OPS = ("LDG", "LDGSTS", "STG", "ATOMG", "RED", "HMMA", "HGMMA")
+
+
+def _sass_opcodes(cubin: bytes) -> dict[str, int]:
+    """Counts of the global-memory and matrix opcodes in the cubin's SASS (cuobjdump -sass): whether loads
+    and stores are 16 bytes wide (``LDG.E.128``) or scalar (``STG.E.U16``), and whether dots run on the
+    tensor cores (``HMMA``; ``HGMMA`` = Hopper's wgmma) rather than FMA units."""
+    tool = _triton_tool("cuobjdump")
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        # "        /*0150*/     @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;" -> LDG.E.128
+        code = line.split("*/", 1)[1].split(";")[0].split() if "*/" in line else []
+        if code and code[0].startswith("@"):
+            code = code[1:]
+        if code and code[0].startswith(_SASS_OPS):
+            counts[code[0]] = counts.get(code[0], 0) + 1
+    return counts
+
+
 def compile_launch(launch: Launch, arch: int) -> CompileResult:
     """Compile one recorded launch for ``sm_<arch>`` and read its resource usage."""
     import time
@@ -246,6 +281,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
     if usage:
         result.local_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
     result.shared_bytes = usage.get("SHARED", compiled.metadata.shared)
+    result.sass = _sass_opcodes(compiled.asm["cubin"])
     return result
 
 
@@ -300,12 +336,12 @@ def check(archs: tuple[int, ...] = (80, 90), selected: list[str] | None = None) 
 
 
 def format_table(results: list[CompileResult]) -> str:
-    lines = [f"{'arch':6s} {'kernel':17s} {'ok':3s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'s':>5s}  config",
-             "-" * 110]
+    lines = [f"{'arch':6s} {'kernel':17s} {'ok':3s} {'regs':>4s} {'spill':>5s} {'smem':>6s} "
+             f"{'global accesses, matrix unit':32s}  config", "-" * 140]
     for r in results:
         lines.append(f"{r.arch:6s} {r.kernel:17s} {'yes' if r.ok else 'NO':3s} {r.registers or '':>4} "
                      f"{'' if r.local_bytes is None else r.local_bytes:>5} {r.shared_bytes or '':>6} "
-                     f"{r.seconds:5.1f}  {r.config}")
+                     f"{r.memory_summary() if r.sass else '':32s}  {r.config}")
         if r.error:
             lines.append(f"       error: {r.error}")
     return "\n".join(lines)

@@ -36,10 +36,15 @@ from .reference import check_embedding_inputs
 INTERPRETED = interpreter_requested()
 
 
+# The column layout (D, the row strides, the feature's column offset) is compile-time: a model has a fixed
+# set of features, and only known values let the compiler prove 16-byte alignment. With them as runtime
+# ints (104-wide output rows, offsets 64 and 72: not multiples of 16, so no divisibility hint) ptxas for
+# sm_90 emitted 2-byte scalar stores (STG.E.U16) for the output and 2-byte loads of the gradient rows;
+# as constants, 16-byte vector accesses (cuobjdump -sass, see userllm.kernels.compile_check).
 @triton.jit
 def _emb_fwd_kernel(
     IDS, TABLE, OUT,
-    E, K, D, stride_table, stride_out, col_offset,
+    E, K, D: tl.constexpr, stride_table: tl.constexpr, stride_out: tl.constexpr, col_offset: tl.constexpr,
     MEAN: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -70,7 +75,7 @@ def _segment_combine(start_a, sum_a, start_b, sum_b):
 @triton.jit
 def _emb_bwd_kernel(
     SORTED_IDS, ORDER, WEIGHT, GRAD, DTABLE,
-    EK, K, D, stride_grad, col_offset,
+    EK, K, D: tl.constexpr, stride_grad: tl.constexpr, col_offset: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -116,7 +121,7 @@ def _bwd_blocks(d: int) -> tuple[int, int, int]:
     if INTERPRETED:
         return min(16, triton.next_power_of_2(d)), 16, 4
     block_d = min(64, triton.next_power_of_2(d))
-    chunk = max(32, min(256, 4096 // block_d))
+    chunk = max(32, min(128, 4096 // block_d))  # 256 x 8 (a rating table) spilled on sm_80 in fp32
     return block_d, chunk, 8 if chunk * block_d >= 4096 else 4
 
 

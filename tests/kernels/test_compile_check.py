@@ -49,6 +49,17 @@ def test_every_launch_compiles_for_ampere_and_hopper_without_spilling(tmp_path):
     decode = [r for r in results if any(w.startswith("decode") and w.endswith("bf16") for w in r["workloads"])]
     assert decode and all("T=1 GROUP=4 BLOCK_T=1 BLOCK_R=16" in r["config"] and "BLOCK_D=128" in r["config"]
                           for r in decode)
+    # the SASS: the embedding forward writes its [E, sum(D_i)] output with 16-byte stores only (the
+    # 104-wide rows and the 64/72 column offsets are compile-time, so alignment is provable), and every
+    # bf16 attention kernel runs its dots on the tensor cores
+    for r in results:
+        if not r["sass"]:
+            continue
+        if r["kernel"] == "_emb_fwd_kernel":
+            stores = {op: n for op, n in r["sass"].items() if op.startswith("STG")}
+            assert stores and set(stores) == {"STG.E.128"}, (r["arch"], r["config"], stores)
+        if r["kernel"].startswith("_attn") and r["config"].startswith("bf16"):
+            assert any("MMA" in op for op in r["sass"]), (r["arch"], r["config"], r["sass"])
     prefill = {r["config"].split()[0]: r["config"] for r in results if r["kernel"] == "_attn_bwd_kernel"
                and any(w.startswith("prefill") for w in r["workloads"])}
     assert "BLOCK_R=32" in prefill["bf16/fp32"] and "BLOCK_R=16" in prefill["fp32"]
