@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of userllm, run from the repository root on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_check.sh                    # every stage
-#   bash benchmarks/gpu_check.sh build tests        # some stages (each call of the device tool <= 10 min)
+#   bash benchmarks/gpu_check.sh build tests        # some stages (each call of the device tool <= 10 min;
+#                                                   # a machine idle for 30 s is given back, so start
+#                                                   # each call with build: e.g. "build tests kernels",
+#                                                   # then "build e2e")
 # Stages:
 #   build    the native ops (CMake; a failure is reported and the rest runs on Triton/reference)
 #   tests    tests/kernels and the fused training-step test, compiled for the GPU (no TRITON_INTERPRET)
