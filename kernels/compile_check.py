@@ -212,15 +212,20 @@ def _triton_tool(name: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """{'REG': .., 'LOCAL': .., 'STACK': .., 'SHARED': ..} of the cubin's one function (cuobjdump -res-usage)."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """Output of Triton's bundled ``cuobjdump <flag>`` on the cubin ("" when the tool is missing)."""
     tool = _triton_tool("cuobjdump")
     if tool is None:
-        return {}
+        return ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=False).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=False).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """{'REG': .., 'LOCAL': .., 'STACK': .., 'SHARED': ..} of the cubin's one function (cuobjdump -res-usage)."""
+    text = _cuobjdump(cubin, "-res-usage")
     usage: dict[str, int] = {}
     for line in text.splitlines():
         if "REG:" in line:
@@ -238,15 +243,8 @@ def _sass_opcodes(cubin: bytes) -> dict[str, int]:
     """Counts of the global-memory and matrix opcodes in the cubin's SASS (cuobjdump -sass): whether loads
     and stores are 16 bytes wide (``LDG.E.128``) or scalar (``STG.E.U16``), and whether dots run on the
     tensor cores (``HMMA``; ``HGMMA`` = Hopper's wgmma) rather than FMA units."""
-    tool = _triton_tool("cuobjdump")
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=False).stdout
     counts: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in _cuobjdump(cubin, "-sass").splitlines():
         # "        /*0150*/     @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;" -> LDG.E.128
         code = line.split("*/", 1)[1].split(";")[0].split() if "*/" in line else []
         if code and code[0].startswith("@"):
