@@ -136,13 +136,15 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _embedding(B: int, L: int, dtype: torch.dtype) -> Callable[[], None]:
-    """Issue 4's features: item (100k x 64), rating (10 x 8), genres (20 x 32, up to 8 per event)."""
+def _embedding(B: int, L: int, dtype: torch.dtype, specs=((100_000, 64, 1), (10, 8, 1), (20, 32, 8))
+               ) -> Callable[[], None]:
+    """Features (V, D, ids per event); default: issue 4's item (100k x 64), rating (10 x 8) and genres
+    (20 x 32, up to 8 per event)."""
     from .embedding import embedding_concat_backward, embedding_concat_forward
 
     def run():
-        ids = [_meta(B, L, dtype=torch.int64), _meta(B, L, dtype=torch.int64), _meta(B, L, 8, dtype=torch.int64)]
-        tables = [_meta(100_000, 64, dtype=dtype), _meta(10, 8, dtype=dtype), _meta(20, 32, dtype=dtype)]
+        ids = [_meta(B, L, dtype=torch.int64) if k == 1 else _meta(B, L, k, dtype=torch.int64) for _, _, k in specs]
+        tables = [_meta(v, d, dtype=dtype) for v, d, _ in specs]
         out = embedding_concat_forward(ids, tables, "mean")
         embedding_concat_backward(torch.empty_like(out), ids, tables, "mean")
     return run
@@ -165,7 +167,9 @@ def _attention(B: int, T: int, Hq: int, Hkv: int, N: int, D: int, dtype: torch.d
 def workloads() -> dict[str, Callable[[], None]]:
     """Named calls of the launchers: the benchmark shapes of issue 4 and the shapes the model uses
     (Perceiver 50 -> 16 latents, cross-attention in training with T text positions), bf16 and fp32."""
-    out: dict[str, Callable[[], None]] = {}
+    # odd widths and offsets (no 16-byte alignment to prove) in fp16: must compile too
+    out: dict[str, Callable[[], None]] = {"embedding_concat odd layout fp16": _embedding(
+        4, 7, torch.float16, specs=((1000, 13, 1), (6, 5, 3)))}
     for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         out[f"embedding_concat 1M events {tag}"] = _embedding(1024, 1024, dtype)
         for n in (50, 200):

@@ -55,7 +55,7 @@ def test_every_launch_compiles_for_ampere_and_hopper_without_spilling(tmp_path):
     for r in results:
         if not r["sass"]:
             continue
-        if r["kernel"] == "_emb_fwd_kernel":
+        if r["kernel"] == "_emb_fwd_kernel" and r["workloads"][0].startswith("embedding_concat 1M"):
             stores = {op: n for op, n in r["sass"].items() if op.startswith("STG")}
             assert stores and set(stores) == {"STG.E.128"}, (r["arch"], r["config"], stores)
         if r["kernel"].startswith("_attn") and r["config"].startswith("bf16"):
