@@ -92,6 +92,14 @@ def _no_data(ax, title: str, text: str) -> None:
     ax.set_yticks([])
 
 
+def _save(fig, path: Path, dpi: int) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_tokens(rows, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = _plot_methods(ax, rows, "tokens", suffix=" (measured)")
@@ -102,11 +110,7 @@ def plot_tokens(rows, out: Path) -> Path:
         ax.plot([p[0] for p in paper], [p[1]["textprompt_tokens"] for p in paper], linestyle="--", marker="s",
                 mfc="none", color=STYLE["textprompt"]["color"], alpha=0.6, label="TextPrompt (paper)")
     _finish(ax, "LLM input tokens per example", "tokens (log scale)", xs, log=True)
-    fig.tight_layout()
-    path = out / "tokens.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tokens.png", dpi=120)
 
 
 def plot_flops(rows, out: Path) -> Path:
@@ -132,11 +136,7 @@ def plot_flops(rows, out: Path) -> Path:
                 color="black", alpha=0.6, label="paper (Table 3)")
         xs += [p[0] for p in paper]
     _finish(ax, "Inference FLOPs reduction (TextPrompt / User-LLM)", "reduction (x, log scale)", xs, log=True)
-    fig.tight_layout()
-    path = out / "flops.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "flops.png", dpi=110)
 
 
 def plot_time(rows, out: Path) -> Path:
@@ -151,11 +151,7 @@ def plot_time(rows, out: Path) -> Path:
             _finish(ax, title + " (batch)", "seconds" if in_s else "milliseconds", xs)
         else:
             _no_data(ax, title, "not measured")
-    fig.tight_layout()
-    path = out / "time.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "time.png", dpi=110)
 
 
 def plot_memory(rows, summaries, out: Path) -> Path:
@@ -168,11 +164,7 @@ def plot_memory(rows, summaries, out: Path) -> Path:
             _finish(ax, f"{title} ({kind})", "MiB", xs)
         else:
             _no_data(ax, title, "not measured")
-    fig.tight_layout()
-    path = out / "memory.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "memory.png", dpi=110)
 
 
 def plot_energy(rows, summaries, out: Path) -> Path:
@@ -185,11 +177,7 @@ def plot_energy(rows, summaries, out: Path) -> Path:
             _finish(ax, title, "joules", xs)
         else:
             _no_data(ax, title, "energy " + note)
-    fig.tight_layout()
-    path = out / "energy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "energy.png", dpi=110)
 
 
 def make_plots(rows: list[dict[str, Any]], summaries: list[dict[str, Any]], out: str | Path) -> list[Path]:
