@@ -7,18 +7,11 @@ head dims that are not powers of two, lengths 0 and N, B = 1; forward and gradie
 import pytest
 import torch
 
+from attention_checks import assert_matches_reference, rel_err
 from userllm import kernels
 from userllm.kernels import cached_attention, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||, with ||b|| floored at an rms of 0.1, the scale of these unit-variance inputs (an
-    exactly-zero reference, e.g. dq when N = 1, must not turn rounding noise into a huge relative error)."""
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(0.1 * b.numel() ** 0.5)).item()
 
 
 def make_inputs(B, T, Hq, Hkv, N, D, dtype, lengths=None, seed=0):
@@ -46,18 +39,8 @@ SHAPES = [  # B, T, Hq, Hkv, N, D
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_gradients_match_reference(shape, dtype):
     q, k, v, lens = make_inputs(*shape, dtype=dtype, seed=sum(shape))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    out = cached_attention.cached_cross_attention(*leaves, lens)
-    ref = reference.cached_cross_attention(*ref_leaves, lens)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    got = torch.autograd.grad(out, leaves, grad.to(dtype))
-    want = torch.autograd.grad(ref, ref_leaves, grad)
-    for name, a, b in zip("qkv", got, want):
-        assert a.dtype == dtype, name
-        assert rel_err(a, b) < TOL[dtype], name
+    assert_matches_reference(cached_attention.cached_cross_attention, reference.cached_cross_attention,
+                             (q, k, v), lens, "qkv")
 
 
 def test_lengths_zero_and_padding_keys():

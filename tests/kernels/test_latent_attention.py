@@ -7,17 +7,11 @@ lengths 0 and N, B = 1; forward and gradients in fp32 and bf16.
 import pytest
 import torch
 
+from attention_checks import assert_matches_reference, rel_err
 from userllm import kernels
 from userllm.kernels import latent_attention, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||, ||b|| floored at an rms of 0.1 (the scale of these unit-variance inputs)."""
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(0.1 * b.numel() ** 0.5)).item()
 
 
 def make_inputs(B, M, H, N, D, shared, dtype, seed=0):
@@ -44,19 +38,8 @@ SHAPES = [  # B, M, H, N, D
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_gradients_match_reference(shape, shared, dtype):
     inputs = make_inputs(*shape, shared=shared, dtype=dtype, seed=sum(shape))
-    lens = inputs[3]
-    leaves = [t.clone().requires_grad_() for t in inputs[:3]]
-    ref_leaves = [t.detach().float().requires_grad_() for t in inputs[:3]]
-    out = latent_attention.latent_cross_attention(*leaves, lens)
-    ref = reference.latent_cross_attention(*ref_leaves, lens)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    got = torch.autograd.grad(out, leaves, grad.to(dtype))
-    want = torch.autograd.grad(ref, ref_leaves, grad)
-    for name, a, b in zip(("latents", "k", "v"), got, want):
-        assert a.shape == b.shape and a.dtype == dtype, name
-        assert rel_err(a, b) < TOL[dtype], name
+    assert_matches_reference(latent_attention.latent_cross_attention, reference.latent_cross_attention,
+                             inputs[:3], inputs[3], ("latents", "k", "v"))
 
 
 def test_shared_latents_equal_expanded_and_zero_length_rows():
