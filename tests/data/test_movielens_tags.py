@@ -12,7 +12,6 @@ from userllm.data.readers import read_movielens_tags
 from userllm.errors import DataError
 
 ML = Path(__file__).resolve().parents[1] / "fixtures" / "readers" / "movielens"
-SMALL = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens" / "ml-latest-small"
 
 
 def _release(tmp_path: Path, name: str) -> Path:
@@ -44,9 +43,8 @@ def test_dat_tags_and_errors(tmp_path):
         read_movielens_tags(release)
 
 
-@pytest.mark.skipif(not (SMALL / "tags.csv").is_file(), reason="../shared/data/movielens/ml-latest-small absent")
-def test_ml_latest_small_tags():
-    t = read_movielens_tags(SMALL)
+def test_ml_latest_small_tags(shared_data):
+    t = read_movielens_tags(shared_data / "movielens" / "ml-latest-small")
     # SOURCE.md / the issue: 3,683 tag applications on 1,572 movies by 58 users.
     assert t.num_rows == 3683
     assert len(set(t.column("movieId").to_pylist())) == 1572
