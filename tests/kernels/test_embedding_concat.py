@@ -11,7 +11,7 @@ import torch
 
 from userllm import kernels
 from userllm.kernels import dispatch, reference
-from userllm.kernels.embedding import embedding_concat as triton_embedding_concat
+from userllm.kernels.ops.embedding_concat import embedding_concat as triton_embedding_concat
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
