@@ -46,3 +46,10 @@ def test_nothing_to_name_from():
 
 def test_split_labels():
     assert split_labels(" Sci-Fi,  dark   comedy,,") == ["sci-fi", "dark comedy"]
+
+
+def test_distinct_labels():
+    from userllm.journeys.references import distinct_labels
+
+    assert distinct_labels("Comedy, comedy,  drama, comedy") == "comedy, drama"
+    assert distinct_labels("") == ""

@@ -86,7 +86,8 @@ class JourneysConfig:
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:N")
     threads: int = opt(1, "torch CPU threads (0 = torch's default)", min=0)
     out: str | None = opt(None, "run directory (default: runs/journeys-<dataset>-<time>)")
-    plot_users: int = opt(4, "timeline PNGs for this many test users (those with the most journeys)", min=0)
+    plot_users: int = opt(4, "timeline PNGs for this many test users (a seeded sample of those with journeys)",
+                          min=0)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 LABEL_WIDTH = 38          # characters per line of a lane label before it wraps
+MAX_LANES = 8             # journeys drawn in their own lane; a 41-journey user was unreadable on one page
 TRANSIENT = "transient (no journey)"
 
 
@@ -20,7 +21,8 @@ def plot_timeline(path: str | Path, timestamps: np.ndarray, labels: np.ndarray, 
 
     timestamps: int64 [n] event times (seconds); labels: int64 [n] journey index per event (-1 =
     transient); names: one lane label per journey (index order = lane order, top to bottom; lines longer
-    than LABEL_WIDTH characters wrap, "\n" starts a new line).
+    than LABEL_WIDTH characters wrap, "\n" starts a new line). Journeys after the first MAX_LANES share
+    one grey lane.
     """
     import matplotlib
 
@@ -28,12 +30,19 @@ def plot_timeline(path: str | Path, timestamps: np.ndarray, labels: np.ndarray, 
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
+    rest = len(names) - MAX_LANES
+    if rest > 0:
+        labels = np.where(labels >= MAX_LANES, MAX_LANES, labels)
+        names = list(names[:MAX_LANES]) + [f"{rest} more journeys"]
     k = len(names)
     lanes = ["\n".join(textwrap.fill(line, LABEL_WIDTH) for line in f"{i + 1}. {n}".split("\n"))
              for i, n in enumerate(names)] + [TRANSIENT]
+    if rest > 0:
+        lanes[MAX_LANES] = names[MAX_LANES]
     fig, ax = plt.subplots(figsize=(11, 1.4 + 0.55 * (k + 1)))
     when = np.array([dt.datetime.fromtimestamp(int(t), dt.timezone.utc) for t in timestamps])
-    colors = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    # tab10 without its grey (index 7), which is the transient / "more journeys" colour here.
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
     rng = np.random.default_rng(0)
     for lane in range(k + 1):
         j = lane if lane < k else -1
@@ -41,7 +50,8 @@ def plot_timeline(path: str | Path, timestamps: np.ndarray, labels: np.ndarray, 
         if not sel.any():
             continue
         y = (k - lane) + rng.uniform(-0.18, 0.18, size=int(sel.sum()))   # jitter: same-day events stay visible
-        ax.scatter(when[sel], y, s=18, alpha=0.75, color="0.65" if j < 0 else colors(lane % colors.N),
+        grey = j < 0 or (rest > 0 and j == MAX_LANES)
+        ax.scatter(when[sel], y, s=18, alpha=0.75, color="0.65" if grey else palette[lane % len(palette)],
                    edgecolors="none")
     ax.set_yticks(range(k, -1, -1), lanes, fontsize=9)
     ax.set_ylim(-0.6, k + 0.6)

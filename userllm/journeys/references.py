@@ -97,3 +97,8 @@ def _top(support: Counter, uses: Counter, k: int) -> str:
 def split_labels(name: str) -> list[str]:
     """The labels of a name (generated or reference), normalized, empty ones dropped."""
     return [t for t in (normalize_label(p) for p in name.split(",")) if t]
+
+
+def distinct_labels(name: str) -> str:
+    """A name with its repeated labels dropped ("comedy, comedy, drama" -> "comedy, drama"), normalized."""
+    return NAME_SEP.join(dict.fromkeys(split_labels(name)))

@@ -16,7 +16,8 @@ names from the data for the training journeys (supervision) and the test journey
 Run directory: ``config.json``, ``journeys.jsonl`` (one line per user: split, events, journeys with their
 items, timestamps, span, size, salience, reference and names; users without a persistent journey have
 an empty list and a note), ``metrics.json`` (quality, name scores, training logs) and
-``timelines/user_<id>.png`` for ``--plot-users`` test users.
+``timelines/user_<id>.png`` for ``--plot-users`` test users (a seeded sample of those with journeys).
+Generated names are reduced to their distinct labels (greedy decoding of a small LLM repeats them).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..training import pick_device, seed_everything, write_metrics, write_run_co
 from .config import JourneysConfig
 from .extract import embedding_vectors, extract_all, genre_vectors, item_vectors, journey_quality
 from .naming import (build_llm, build_namer, fewshot_names, generate_names, journey_corpus, train_namer)
-from .references import LabelSource
+from .references import LabelSource, distinct_labels
 from .scoring import NAME_COLUMNS, format_rows, name_scores
 
 QUALITY_SPACES = ("embedding", "genre")
@@ -143,6 +144,7 @@ def run(cfg: JourneysConfig, log=print) -> dict:
             f"{training[method]['seconds']:.0f}s)")
 
     refs = [r for r, _ in references]
+    names = {m: [distinct_labels(n) for n in ns] for m, ns in names.items()}
     scores = {m: name_scores(n, refs) for m, n in names.items()}
     sources = {s: sum(1 for _, src in references if src == s) for s in ("tags", "categories", "titles")}
     if test_j:
@@ -200,8 +202,9 @@ def _plot_users(run_dir: Path, ds, extracted, test_user, test_j, references, nam
 
     index = {id(j): i for i, j in enumerate(test_j)}
     method = next((m for m in ("finetune", "prompt", "fewshot") if m in names), "baseline")
-    chosen = sorted((u for u in extracted if test_user[u.user] and u.journeys),
-                    key=lambda u: (-len(u.journeys), u.user))[: cfg.plot_users]
+    candidates = [u for u in extracted if test_user[u.user] and u.journeys]
+    pick = np.random.default_rng([cfg.seed, 5]).permutation(len(candidates))[: cfg.plot_users]
+    chosen = [candidates[i] for i in sorted(pick)]
     paths = []
     for uj in chosen:
         lo, hi = int(ds.offsets[uj.user]), int(ds.offsets[uj.user + 1])
