@@ -186,7 +186,7 @@ def split_users(num_users: int, test_fraction: float, seed: int) -> np.ndarray:
 
 def last_per_user(tr: Transitions) -> np.ndarray:
     """Indices of each user's last transition (the held-out users' evaluation targets)."""
-    if not len(tr):
+    if not len(tr.user):
         return np.zeros(0, dtype=np.int64)
     last = np.r_[tr.user[1:] != tr.user[:-1], True]
     return np.flatnonzero(last)

@@ -103,7 +103,9 @@ def run_seed(cfg: ExploreConfig, seed: int, out: Path, log=print) -> dict:
         f"{len(test_tr)} held-out users evaluated ({test_tr.positive.mean():.2f} positive)")
     write_json(out / "clusters.json", {"labels": clusters.labels, "sizes": clusters.sizes.tolist()})
 
-    llm, tok = build_llm(tcfg, ds, log)
+    # The embedded LLM is the "pretrained foundation model": built and pretrained with the first seed for
+    # every seed (so it is cached once), while the split, encoder, clusters and both LLMs' training vary.
+    llm, tok = build_llm(cfg.train_config(cfg.seed), ds, log)
     llm_aligned = copy.deepcopy(llm)           # before any UserLLM hooks its cross-attention into `llm`
     prompts = Prompts(clusters.labels, tok, cfg.prompt_clusters)
     novelty = NoveltyLLM(build_model(tcfg, llm, copy.deepcopy(encoder)).to(device), prompts, ds, device)
