@@ -79,3 +79,19 @@ def test_module_entry_point_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "userllm.explore", "--top-p", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --top-p: must be <= 1.0, got 2.0"
+
+
+def test_runs_with_a_local_hf_llm_directory(tmp_path, cache):
+    """``--llm DIR``: any local Hugging Face causal LM (here a tiny Llama saved with its tokenizer)."""
+    from userllm.llm import DefaultLLMConfig, load_llm
+
+    model, tok = load_llm(None, texts=["Recent interests: Drama & Comedy.", "Answer: yes", "Answer: no"] * 20,
+                          default_config=DefaultLLMConfig.sized(32, 1, 300), log=None)
+    llm_dir = tmp_path / "hf"
+    model.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    out = tmp_path / "run"
+    assert run_cli(main, tiny_args(cache, out, seeds=1, llm=llm_dir)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["llm"] == str(llm_dir)
+    assert metrics["mean"]["best-of-4"]["tokens"]["mean"] > metrics["mean"]["best-of-1"]["tokens"]["mean"]

@@ -1,14 +1,15 @@
 """The whole exploration experiment for one seed, and the multi-seed driver behind ``python -m userllm.explore``.
 
-Per seed: load the data -> hold out ``--test-fraction`` of the users -> user encoder (``--encoder-checkpoint``,
-else pretrained on the training users' events only, so no held-out event is ever trained on) -> KMeans
-interest clusters over its item table -> novel transitions + feedback -> the embedded LLM (or ``--llm``) ->
-novelty LLM and user-aligned LLM, both trained on the training users' transitions -> evaluation on each
-held-out user's last novel transition (:mod:`.evaluate`).
+Once (:func:`prepare`, seeded by ``--seed``): load the data -> hold out ``--test-fraction`` of the users ->
+user encoder (``--encoder-checkpoint``, else pretrained on the training users' events only, so no
+held-out event is ever trained on) -> the embedded LLM (or ``--llm``). Per seed (:func:`run_seed`): KMeans
+interest clusters over the encoder's item table -> novel transitions + feedback -> novelty LLM and
+user-aligned LLM, both trained on the training users' transitions -> evaluation on each held-out user's
+last novel transition (:mod:`.evaluate`).
 
 Run directory (``--out``): ``config.json``, ``metrics.json`` (every method's metrics per seed, their mean /
 std, the target check, clusters, training losses), ``table.md``, ``curve.png``, and per seed
-``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
+``pretrain/encoder.safetensors`` (when pretrained here), and per seed ``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
 item, the feedback, every method's pick, the best-of-n samples and the aligned scores of all new clusters)
 and ``seed_<s>/clusters.json`` (labels and sizes).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,26 +71,53 @@ def load_encoder_checkpoint(cfg: ExploreConfig, ds, device):
     return encoder
 
 
-def run_seed(cfg: ExploreConfig, seed: int, out: Path, log=print) -> dict:
-    """Train and evaluate everything for ``seed``; writes ``out/picks.jsonl`` and ``out/clusters.json``."""
-    from ..train import build_llm, build_model, load_data
+@dataclass
+class Shared:
+    """What every seed starts from: the data, the held-out users (bool [U]), the pretrained encoder and the
+    pretrained LLM with its tokenizer (each seed trains copies)."""
+
+    ds: object
+    test_users: np.ndarray
+    encoder: torch.nn.Module
+    encoder_info: dict
+    llm: torch.nn.Module
+    tok: object
+    device: torch.device
+
+
+def prepare(cfg: ExploreConfig, out: Path, log=print) -> Shared:
+    """Data, user split and encoder (seeded by ``--seed``), and the LLM. They are shared by the seeds, as
+    pretrained models are: the repo's evaluations also score every seed on the same users; the seeds vary
+    the clusters (KMeans initialisation), both LLMs' training and the sampling."""
+    from ..train import build_llm, load_data
+
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    tcfg = cfg.train_config(cfg.seed)
+    ds = load_data(tcfg)
+    test_users = split_users(ds.num_users, cfg.test_fraction, cfg.seed)
+    if cfg.encoder_checkpoint is not None:
+        encoder, info = load_encoder_checkpoint(cfg, ds, device), {"checkpoint": cfg.encoder_checkpoint}
+    else:
+        encoder, info = pretrain_on_train_users(cfg, ds, test_users, cfg.seed, device, out / "pretrain", log)
+    llm, tok = build_llm(tcfg, ds, log)
+    return Shared(ds, test_users, encoder, info, llm, tok, device)
+
+
+def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print) -> dict:
+    """Cluster, train both LLMs and evaluate for ``seed``; writes ``out/picks.jsonl`` and ``out/clusters.json``."""
+    from ..train import build_model
 
     t0 = time.time()
     seed_everything(seed)
-    device = pick_device(cfg.device)
+    ds, encoder, device = shared.ds, shared.encoder, shared.device
     tcfg = cfg.train_config(seed)
-    ds = load_data(tcfg)
-    test_users = split_users(ds.num_users, cfg.test_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.encoder_checkpoint is not None:
-        encoder, enc_info = load_encoder_checkpoint(cfg, ds, device), {"checkpoint": cfg.encoder_checkpoint}
-    else:
-        encoder, enc_info = pretrain_on_train_users(cfg, ds, test_users, seed, device, out / "pretrain", log)
 
     clusters = build_clusters(ds, encoder.tables["item"].detach().cpu().numpy(), cfg.clusters, seed)
     ec = event_clusters(ds, clusters)
     tr = novel_transitions(ds, ec, cfg.window, cfg.follow_up, cfg.rating_threshold, cfg.feedback)
-    is_test = test_users[tr.user]
+    is_test = shared.test_users[tr.user]
     train_tr = tr.subset(np.flatnonzero(~is_test))
     test_tr = tr.subset(np.flatnonzero(is_test))
     test_tr = test_tr.subset(last_per_user(test_tr))
@@ -103,13 +132,12 @@ def run_seed(cfg: ExploreConfig, seed: int, out: Path, log=print) -> dict:
         f"{len(test_tr)} held-out users evaluated ({test_tr.positive.mean():.2f} positive)")
     write_json(out / "clusters.json", {"labels": clusters.labels, "sizes": clusters.sizes.tolist()})
 
-    # The embedded LLM is the "pretrained foundation model": built and pretrained with the first seed for
-    # every seed (so it is cached once), while the split, encoder, clusters and both LLMs' training vary.
-    llm, tok = build_llm(cfg.train_config(cfg.seed), ds, log)
-    llm_aligned = copy.deepcopy(llm)           # before any UserLLM hooks its cross-attention into `llm`
-    prompts = Prompts(clusters.labels, tok, cfg.prompt_clusters)
-    novelty = NoveltyLLM(build_model(tcfg, llm, copy.deepcopy(encoder)).to(device), prompts, ds, device)
-    aligned = AlignedLLM(build_model(tcfg, llm_aligned, copy.deepcopy(encoder)).to(device), prompts, ds, device)
+    # Copies: a UserLLM hooks its cross-attention into its LLM's layers and trains the LLM and encoder.
+    prompts = Prompts(clusters.labels, shared.tok, cfg.prompt_clusters)
+    novelty = NoveltyLLM(build_model(tcfg, copy.deepcopy(shared.llm), copy.deepcopy(encoder)).to(device),
+                         prompts, ds, device)
+    aligned = AlignedLLM(build_model(tcfg, copy.deepcopy(shared.llm), copy.deepcopy(encoder)).to(device),
+                         prompts, ds, device)
 
     train_ctx = contexts_at(ds, ec, train_tr.row, cfg.window)
     train_allowed = [[c for c in range(clusters.k) if c not in set(r)] for r in train_ctx.recent]
@@ -137,7 +165,7 @@ def run_seed(cfg: ExploreConfig, seed: int, out: Path, log=print) -> dict:
             "data": {"users": ds.num_users, "items": ds.num_items - 1, "events": ds.num_events,
                      "train_transitions": len(train_tr), "train_positive_rate": float(train_tr.positive.mean()),
                      "test_users": len(test_tr), "test_positive_rate": float(test_tr.positive.mean())},
-            "encoder": enc_info, "novelty_training": novelty_info, "aligned_training": aligned_info,
+            "novelty_training": novelty_info, "aligned_training": aligned_info,
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -153,17 +181,18 @@ def run(cfg: ExploreConfig, log=print) -> dict:
         raise UserError(f"--out {out}: already holds a run (metrics.json); choose another directory")
     write_run_config(out, cfg.to_dict() | {"out": str(out)})
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    shared = prepare(cfg, out, log)
     per_seed = []
     for s in seeds:
         log(f"--- seed {s}")
-        per_seed.append(run_seed(cfg, s, out / f"seed_{s}", log))
+        per_seed.append(run_seed(cfg, s, shared, out / f"seed_{s}", log))
     agg = ev.aggregate([r["results"] for r in per_seed])
     mean_results = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
     what = f"{cfg.dataset}, K={cfg.clusters}, window {cfg.window}, {per_seed[0]['data']['test_users']} held-out users"
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
     ev.plot_curve(agg, cfg.n_list, out / "curve.png", f"Best-of-n exploration: {title}")
-    metrics = {"seeds": seeds, "n_values": cfg.n_list, "mean": agg, "target": ev.target_met(mean_results, cfg.n_list),
+    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": shared.encoder_info, "mean": agg, "target": ev.target_met(mean_results, cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "per_seed": per_seed}
     write_metrics(out, metrics)
     write_text(out / "table.md", table + "\n")
