@@ -108,3 +108,16 @@ def test_clusters_follow_the_embeddings_and_labels_name_distinct_categories():
     assert len(set(same)) == 3
     with pytest.raises(ValueError, match="--clusters"):
         build_clusters(ds, emb, 40)
+
+
+def test_labels_with_the_same_categories_in_another_order_are_disambiguated():
+    # Cluster 0 leans Horror then Comedy, cluster 1 Comedy then Horror: both get their top title appended.
+    cats = np.array([[-1, -1], [1, 2], [1, -1], [1, 2], [2, -1], [3, -1], [3, -1], [3, -1], [3, -1]])
+    names = {1: "Horror", 2: "Comedy", 3: "Drama"}
+    ds = SimpleNamespace(num_items=9, item_categories=cats, vocabs={"category": [None, "H", "C", "D"]},
+                         features={"item": np.arange(1, 9)},
+                         category_names=lambda ids: [names.get(int(i), "") for i in ids],
+                         item_titles=lambda ids: [f"t{int(i)}" for i in ids])
+    labels = cluster_labels(ds, np.array([-1, 0, 0, 1, 1, 2, 2, 2, 2]), 3)
+    assert labels[0].startswith("Horror & Comedy: ") and labels[1].startswith("Comedy & Horror: ")
+    assert labels[2] == "Drama"

@@ -84,15 +84,16 @@ def cluster_labels(ds, item_cluster: np.ndarray, k: int) -> list[str]:
     share = weight / np.maximum(mass[:, None], 1e-12)
     overall = weight.sum(0) / max(mass.sum(), 1e-12)
     titles = ds.item_titles(np.arange(ds.num_items))
-    base = []
+    base, keys = [], []
     for c in range(k):
         excess = share[c] - overall
         order = [g for g in np.argsort(-excess, kind="stable") if excess[g] > 0 and weight[c, g] > 0][:2]
         names = [n for n in ds.category_names(np.array(order, dtype=np.int64)) if n]
         base.append(" & ".join(names))
+        keys.append(frozenset(names))          # "Horror & Comedy" and "Comedy & Horror" collide too
     labels = list(base)
     for c in range(k):
-        if not labels[c] or base.count(base[c]) > 1:
+        if not labels[c] or keys.count(keys[c]) > 1:
             members = np.flatnonzero(item_cluster == c)
             top = titles[members[np.argmax(pop[members])]] if len(members) else "cluster"
             labels[c] = f"{base[c]}: {top}" if base[c] else top
