@@ -65,7 +65,10 @@ class ExploreConfig:
     aligned_steps: int = opt(300, "user-aligned LLM training steps", min=1)
     aligned_negatives: int = opt(3, "aligned LLM: per observed novel transition, this many other new "
                                  "clusters the user did not go to, as 'no' examples", min=0)
-    batch_size: int = opt(32, "training batch size", min=1)
+    negative_sampling: str = opt("popularity", "how the aligned LLM's 'no' clusters are drawn: in proportion "
+                                 "to their popularity as novel targets, or uniformly",
+                                 choices=("popularity", "uniform"))
+    batch_size: int = opt(16, "training batch size", min=1)
     lr: float = opt(3e-3, "peak learning rate (AdamW, warmup + cosine)", min=0.0)
     warmup: int = opt(20, "linear warmup steps", min=0)
     grad_clip: float = opt(1.0, "gradient-norm clipping (0 = off)", min=0.0)
