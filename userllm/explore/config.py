@@ -11,9 +11,19 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, fields
 
-from ..config import DATASETS, ENCODERS, STRATEGIES, TrainConfig, _coerce, _flag, _suggest, opt
+from ..config import TrainConfig, _coerce, _flag, _suggest, opt
 from ..errors import UserError
 from .clusters import FEEDBACK_RULES
+
+_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def shared(name: str):
+    """The field ``name`` of :class:`TrainConfig` (default, help, choices, bounds), so that an option both
+    commands take means the same in both."""
+    f = _TRAIN_FIELDS[name]
+    md = f.metadata
+    return opt(f.default, md["help"], choices=md.get("choices"), min=md.get("min"), max=md.get("max"))
 
 
 @dataclass
@@ -21,13 +31,13 @@ class ExploreConfig:
     """Options of ``python -m userllm.explore`` (defaults: the synthetic data, a few CPU minutes)."""
 
     # data
-    dataset: str = opt("synthetic", "dataset reader", choices=DATASETS)
-    data_path: str | None = opt(None, "path of the raw dataset (not needed for synthetic)")
-    cache_dir: str | None = opt(None, "processed-data cache directory (default: the data loader's)")
-    synthetic_users: int = opt(300, "synthetic data: users", min=2)
-    synthetic_items: int = opt(400, "synthetic data: items", min=2)
-    synthetic_events: int = opt(60, "synthetic data: mean events per user", min=6)
-    min_user_events: int = opt(5, "drop users with fewer events", min=3)
+    dataset: str = shared("dataset")
+    data_path: str | None = shared("data_path")
+    cache_dir: str | None = shared("cache_dir")
+    synthetic_users: int = shared("synthetic_users")
+    synthetic_items: int = shared("synthetic_items")
+    synthetic_events: int = shared("synthetic_events")
+    min_user_events: int = shared("min_user_events")
     # interest clusters, novel transitions, feedback
     clusters: int = opt(20, "K: interest clusters (KMeans over the encoder's item embeddings)", min=2)
     window: int = opt(10, "history window: an event is novel when its cluster is absent from the window's "
@@ -43,23 +53,22 @@ class ExploreConfig:
                                max=0.99)
     max_test_users: int = opt(0, "evaluate at most this many held-out users (0 = all)", min=0)
     # user encoder
-    encoder: str = opt("ar", "user encoder", choices=ENCODERS)
+    encoder: str = shared("encoder")
     encoder_checkpoint: str | None = opt(None, "pretrained encoder (default: pretrain one on the training "
                                          "users only; a checkpoint from userllm.pretrain has also seen "
                                          "the held-out users' earlier events)")
     pretrain_steps: int = opt(300, "encoder pretraining steps without --encoder-checkpoint", min=1)
     pretrain_window: int = opt(50, "encoder pretraining window (>= --window)", min=1)
-    encoder_dim: int = opt(64, "encoder width d_model", min=8)
-    encoder_layers: int = opt(2, "encoder transformer layers", min=1)
-    # LLMs
-    llm: str | None = opt(None, "local Hugging Face causal-LM directory (default: embedded tiny Llama)")
-    llm_hidden: int = opt(128, "embedded default LLM: width", min=32)
-    llm_layers: int = opt(2, "embedded default LLM: decoder layers", min=1)
-    tokenizer_vocab: int = opt(2048, "embedded default LLM: BPE vocabulary size", min=300)
-    llm_pretrain_steps: int = opt(300, "embedded default LLM: causal-LM pretraining steps on the dataset's "
-                                  "text (cached)", min=0)
-    strategy: str = opt("full", "trainable parts of both LLMs (as in userllm.train)", choices=STRATEGIES)
-    lora_rank: int = opt(8, "LoRA rank (strategy lora)", min=1)
+    encoder_dim: int = shared("encoder_dim")
+    encoder_layers: int = shared("encoder_layers")
+    # LLMs (both: the novelty LLM and the user-aligned LLM start from the same one)
+    llm: str | None = shared("llm")
+    llm_hidden: int = shared("llm_hidden")
+    llm_layers: int = shared("llm_layers")
+    tokenizer_vocab: int = shared("tokenizer_vocab")
+    llm_pretrain_steps: int = shared("llm_pretrain_steps")
+    strategy: str = shared("strategy")
+    lora_rank: int = shared("lora_rank")
     # training of the two LLMs
     novelty_steps: int = opt(300, "novelty LLM training steps", min=1)
     aligned_steps: int = opt(300, "user-aligned LLM training steps", min=1)
@@ -69,9 +78,9 @@ class ExploreConfig:
                                  "to their popularity as novel targets, or uniformly",
                                  choices=("popularity", "uniform"))
     batch_size: int = opt(16, "training batch size", min=1)
-    lr: float = opt(3e-3, "peak learning rate (AdamW, warmup + cosine)", min=0.0)
-    warmup: int = opt(20, "linear warmup steps", min=0)
-    grad_clip: float = opt(1.0, "gradient-norm clipping (0 = off)", min=0.0)
+    lr: float = shared("lr")
+    warmup: int = shared("warmup")
+    grad_clip: float = shared("grad_clip")
     # inference and evaluation
     n_values: str = opt("1,2,4,8,16,32", "best-of-n sample counts, comma separated")
     temperature: float = opt(1.0, "novelty LLM sampling temperature (> 0)", min=1e-6)
@@ -80,7 +89,7 @@ class ExploreConfig:
     # run
     seed: int = opt(0, "random seed (the first one with --seeds)")
     seeds: int = opt(1, "run seeds seed .. seed + n - 1 and report their mean and standard deviation", min=1)
-    device: str = opt("auto", "device: auto, cpu, cuda, cuda:N")
+    device: str = shared("device")
     threads: int = opt(1, "torch CPU threads (0 = torch's default)", min=0)
     out: str | None = opt(None, "run directory (default: runs/explore-<dataset>-<time>)")
 

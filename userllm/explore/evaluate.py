@@ -24,7 +24,6 @@ the chosen cluster; 0 on a miss), ``distinct`` (distinct clusters chosen over th
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Sequence
 
@@ -233,6 +232,3 @@ def plot_curve(agg: dict[str, dict], n_list: Sequence[int], path, title: str) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def summary_line(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
