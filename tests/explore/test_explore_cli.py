@@ -59,6 +59,10 @@ def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
             best = max(scores[c] for c in r["samples"][str(n)])
             assert scores[r["picks"][f"best-of-{n}"]] >= best - 1e-3
         assert r["picks"]["best-of-1"] == r["samples"]["1"][0]
+    # The same command again reuses the finished seeds (nothing is retrained); other options are refused.
+    assert run_cli(main, tiny_args(cache, out)) == 0
+    assert json.loads((out / "metrics.json").read_text())["mean"] == metrics["mean"]
+    assert run_cli(main, tiny_args(cache, out, clusters=5)) == 2
 
 
 @pytest.mark.parametrize("over, message", [

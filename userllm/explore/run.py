@@ -9,7 +9,9 @@ last novel transition (:mod:`.evaluate`).
 
 Run directory (``--out``): ``config.json``, ``metrics.json`` (every method's metrics per seed, their mean /
 std, the target check, clusters, training losses), ``table.md``, ``curve.png``, and per seed
-``pretrain/encoder.safetensors`` (when pretrained here), and per seed ``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
+``pretrain/encoder.safetensors`` (when pretrained here), and per seed ``seed_<s>/result.json`` (its
+metrics: rerunning the same command with the same ``--out`` reuses the seeds already finished),
+``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
 item, the feedback, every method's pick, the best-of-n samples and the aligned scores of all new clusters)
 and ``seed_<s>/clusters.json`` (labels and sizes).
 """
@@ -32,6 +34,8 @@ from . import evaluate as ev
 from .clusters import build_clusters, event_clusters, last_per_user, novel_transitions, split_users
 from .config import ExploreConfig
 from .models import AlignedLLM, NoveltyLLM, Prompts, contexts_at
+
+RESULT_FILE = "result.json"
 
 
 def pretrain_on_train_users(cfg: ExploreConfig, ds, test_users: np.ndarray, seed: int, device, out: Path, log):
@@ -165,7 +169,7 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
             "data": {"users": ds.num_users, "items": ds.num_items - 1, "events": ds.num_events,
                      "train_transitions": len(train_tr), "train_positive_rate": float(train_tr.positive.mean()),
                      "test_users": len(test_tr), "test_positive_rate": float(test_tr.positive.mean())},
-            "novelty_training": novelty_info, "aligned_training": aligned_info,
+            "encoder": shared.encoder_info, "novelty_training": novelty_info, "aligned_training": aligned_info,
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -177,22 +181,33 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else Path("runs") / f"explore-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "metrics.json").exists():
-        raise UserError(f"--out {out}: already holds a run (metrics.json); choose another directory")
-    write_run_config(out, cfg.to_dict() | {"out": str(out)})
+    current = cfg.to_dict() | {"out": str(out)}
+    if (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in current.items() if k != "seeds"}:
+            raise UserError(f"--out {out}: already holds a run with other options; choose another directory")
+    write_run_config(out, current)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    shared = prepare(cfg, out, log)
+    done = {s: json.loads((out / f"seed_{s}" / RESULT_FILE).read_text()) for s in seeds
+            if (out / f"seed_{s}" / RESULT_FILE).is_file()}
+    shared = prepare(cfg, out, log) if len(done) < len(seeds) else None
     per_seed = []
     for s in seeds:
+        if s in done:                      # the same options finished this seed before (an interrupted run)
+            log(f"--- seed {s}: reusing {out / f'seed_{s}' / RESULT_FILE}")
+            per_seed.append(done[s])
+            continue
         log(f"--- seed {s}")
         per_seed.append(run_seed(cfg, s, shared, out / f"seed_{s}", log))
+        write_json(out / f"seed_{s}" / RESULT_FILE, per_seed[-1])
     agg = ev.aggregate([r["results"] for r in per_seed])
     mean_results = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
     what = f"{cfg.dataset}, K={cfg.clusters}, window {cfg.window}, {per_seed[0]['data']['test_users']} held-out users"
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
     ev.plot_curve(agg, cfg.n_list, out / "curve.png", f"Best-of-n exploration: {title}")
-    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": shared.encoder_info, "mean": agg, "target": ev.target_met(mean_results, cfg.n_list),
+    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0]["encoder"], "mean": agg,
+               "target": ev.target_met(mean_results, cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "per_seed": per_seed}
     write_metrics(out, metrics)
     write_text(out / "table.md", table + "\n")
