@@ -8,10 +8,9 @@ them to the builders of :mod:`userllm.train`.
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, fields
 
-from ..config import TrainConfig, _coerce, _flag, _suggest, opt
+from ..config import TrainConfig, _suggest, check_fields, opt
 from ..errors import UserError
 from .clusters import FEEDBACK_RULES
 
@@ -97,18 +96,7 @@ class ExploreConfig:
         self.validate()
 
     def validate(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-            value, md = getattr(self, f.name), f.metadata
-            if value is None:
-                continue
-            if md.get("choices") and value not in md["choices"]:
-                raise UserError(f"{_flag(f.name)}: {value!r} is not one of {', '.join(map(str, md['choices']))}")
-            if md.get("min") is not None and value < md["min"]:
-                raise UserError(f"{_flag(f.name)}: must be >= {md['min']}, got {value}")
-            if md.get("max") is not None and value > md["max"]:
-                raise UserError(f"{_flag(f.name)}: must be <= {md['max']}, got {value}")
+        check_fields(self)
         self.n_list  # noqa: B018 - parses and checks --n-values
         if self.pretrain_window < self.window:
             raise UserError(f"--pretrain-window: {self.pretrain_window} is less than --window {self.window}")
