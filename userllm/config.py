@@ -121,20 +121,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
-            value = getattr(self, f.name)
-            md = f.metadata
-            if value is None:
-                continue
-            if md.get("choices") and value not in md["choices"]:
-                raise UserError(f"{_flag(f.name)}: {value!r} is not one of {', '.join(map(str, md['choices']))}")
-            if md.get("min") is not None and value < md["min"]:
-                raise UserError(f"{_flag(f.name)}: must be >= {md['min']}, got {value}")
-            if md.get("max") is not None and value > md["max"]:
-                raise UserError(f"{_flag(f.name)}: must be <= {md['max']}, got {value}")
+        check_fields(self)
         if self.text_events > self.window:
             raise UserError(f"--text-events: {self.text_events} is more than the window ({self.window})")
         if self.baseline == "textprompt" and self.strategy not in ("full", "lora"):
@@ -168,6 +155,23 @@ class TrainConfig:
         if self.text_events:
             name += f"-TP{self.text_events}"
         return name
+
+
+def check_fields(config: Any) -> None:
+    """Coerce every field of an :func:`opt`-built dataclass instance to its annotation and check its choices
+    and bounds; :class:`UserError` naming the flag otherwise."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        setattr(config, f.name, _coerce(f.name, getattr(config, f.name), hints[f.name]))
+        value, md = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        if md.get("choices") and value not in md["choices"]:
+            raise UserError(f"{_flag(f.name)}: {value!r} is not one of {', '.join(map(str, md['choices']))}")
+        if md.get("min") is not None and value < md["min"]:
+            raise UserError(f"{_flag(f.name)}: must be >= {md['min']}, got {value}")
+        if md.get("max") is not None and value > md["max"]:
+            raise UserError(f"{_flag(f.name)}: must be <= {md['max']}, got {value}")
 
 
 def _flag(name: str) -> str:
