@@ -10,7 +10,7 @@ from pathlib import Path
 
 from test_train import tiny_args
 
-from userllm.training import read_jsonl
+from userllm.runs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
