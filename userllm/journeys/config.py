@@ -3,15 +3,15 @@
 The CLI, ``--config FILE`` and the run's ``config.json`` come from :mod:`userllm.config`'s machinery
 (:func:`~userllm.config.parse_config` with ``cls=JourneysConfig``): the same flags, precedence and
 one-line errors as ``python -m userllm.train``. Data, encoder and LLM options keep ``TrainConfig``'s names
-and meanings, so the train stage's builders (data loading, the brief encoder pretraining, the embedded LLM)
-take this config as it is.
+and meanings, so userllm.factory's builders (data loading, the brief encoder pretraining, the embedded LLM)
+take it through :meth:`JourneysConfig.train_config`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..config import ENCODERS, INTEGRATIONS, check_fields, opt
+from ..config import ENCODERS, INTEGRATIONS, TrainConfig, check_fields, opt
 from ..explore.config import shared  # TrainConfig's definition of an option both commands take
 from ..errors import UserError
 
@@ -114,6 +114,15 @@ class JourneysConfig:
             if key not in names:
                 raise UserError(f"{source}: unknown key {key!r}" + _suggest(key, names))
         return cls(**d)
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`TrainConfig` of the shared options, for :mod:`userllm.factory`'s builders (data, the
+        encoder and its brief pretraining)."""
+        keys = ("dataset", "data_path", "cache_dir", "synthetic_users", "synthetic_items", "synthetic_events",
+                "min_user_events", "window", "encoder", "encoder_checkpoint", "pretrain_steps", "encoder_dim",
+                "encoder_layers", "llm", "llm_hidden", "llm_layers", "tokenizer_vocab", "llm_pretrain_steps",
+                "seed", "device", "threads")
+        return TrainConfig(**{k: getattr(self, k) for k in keys})
 
     @property
     def methods(self) -> tuple[str, ...]:

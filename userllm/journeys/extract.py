@@ -153,7 +153,7 @@ def user_journeys(ds, user: int, vectors: np.ndarray, cfg: JourneysConfig) -> Us
 
 def extract_all(ds, vectors: np.ndarray, cfg: JourneysConfig, users=None) -> list[UserJourneys]:
     """:func:`user_journeys` of every user (or of ``users``), in user order."""
-    from ..training import progress
+    from ..loop import progress
 
     users = range(ds.num_users) if users is None else users
     return [user_journeys(ds, int(u), vectors, cfg) for u in progress(users, desc="extract journeys")]

@@ -39,11 +39,11 @@ def journey_corpus(names: Sequence[str]) -> list[str]:
 def build_llm(cfg, ds, extra_texts: Sequence[str], log: Callable[[str], None] = print):
     """``--llm DIR``, or the embedded default trained (cached) on the dataset's text plus ``extra_texts``.
 
-    The train stage's :func:`userllm.train.build_llm` with a longer corpus.
+    The factory's :func:`userllm.factory.build_llm` with a longer corpus.
     """
     from ..llm import DefaultLLMConfig, load_llm
     from ..text_prompt import corpus_texts
-    from ..train import cache_root
+    from ..factory import cache_root
 
     if cfg.llm is not None:
         return load_llm(cfg.llm)
@@ -115,7 +115,7 @@ def build_namer(kind: str, cfg, llm, encoder):
     """A UserLLM for ``kind`` = "prompt" (LLM + encoder frozen) or "finetune" (LLM trained: lora / full)."""
     from ..integration import UserLLM, UserLLMConfig, apply_strategy
 
-    # Gate opening as in userllm.train.build_model: closed (Flamingo) with a given --llm, 0.1 for the
+    # Gate opening as in userllm.factory.build_model: closed (Flamingo) with a given --llm, 0.1 for the
     # embedded LLM whose closed gates barely open in a short run.
     gate = 0.0 if cfg.llm is not None else 0.1
     model = UserLLM(llm, encoder, UserLLMConfig(integration=cfg.integration, task_prompt_len=cfg.soft_prompt_tokens,
@@ -147,7 +147,7 @@ def train_namer(model, tok, ds, rows: Sequence[np.ndarray], names: Sequence[str]
                 desc: str) -> dict:
     """AdamW (linear warmup, cosine decay) on the name tokens of training journeys; batches are a pure
     function of (seed, step). Returns {"steps", "first_loss", "final_loss", "seconds", "trainable"}."""
-    from ..training import cosine_with_warmup, optimizer_step, progress
+    from ..loop import cosine_with_warmup, optimizer_step, progress
 
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

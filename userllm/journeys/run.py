@@ -34,7 +34,8 @@ import torch
 from ..cli import run_cli
 from ..config import parse_config
 from ..errors import UserError
-from ..training import pick_device, seed_everything, write_metrics, write_run_config
+from ..loop import pick_device, seed_everything
+from ..runs import write_metrics, write_run_config
 from .config import JourneysConfig
 from .extract import embedding_vectors, extract_all, genre_vectors, item_vectors, journey_quality
 from .naming import (build_llm, build_namer, fewshot_names, generate_names, journey_corpus, train_namer)
@@ -51,15 +52,16 @@ def _iso(ts: int) -> str:
 def load_inputs(cfg: JourneysConfig, run_dir: Path, device: torch.device, log=print):
     """(dataset, LabelSource, encoder) with the project's one-line errors for a missing checkpoint or fields."""
     from ..data.readers import read_movielens_tags
-    from ..train import Dist, build_encoder_for, load_data
+    from ..factory import build_encoder, load_data
 
     if cfg.encoder_checkpoint is not None and not Path(cfg.encoder_checkpoint).is_file():
         raise UserError(f"--encoder-checkpoint {cfg.encoder_checkpoint}: no encoder checkpoint there "
                         f"(python -m userllm.pretrain --out DIR writes DIR/encoder.safetensors)")
-    ds = load_data(cfg)
+    tcfg = cfg.train_config()
+    ds = load_data(tcfg)
     tags = read_movielens_tags(cfg.data_path) if cfg.dataset == "movielens" else None
     labels = LabelSource(ds, tags)
-    encoder = build_encoder_for(cfg, ds, run_dir, Dist(0, 1, device), log).eval()
+    encoder = build_encoder(tcfg, ds, run_dir, device=device, log=log).eval()
     if not hasattr(encoder, "tables") or "item" not in encoder.tables:
         raise UserError("the encoder has no item embedding table ('item' feature) to cluster events by")
     return ds, labels, encoder
@@ -169,9 +171,9 @@ def run(cfg: JourneysConfig, log=print) -> dict:
 
 
 def _encoder_path(cfg: JourneysConfig, run_dir: Path) -> Path:
-    from ..pretrain import ENCODER_FILE
+    from ..factory import ENCODER_FILE, PRETRAIN_DIR
 
-    return Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else run_dir / "pretrain" / ENCODER_FILE
+    return Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else run_dir / PRETRAIN_DIR / ENCODER_FILE
 
 
 def _write_journeys(path: Path, ds, extracted, test_user, train_j, train_names, test_j, references, names) -> None:
