@@ -198,7 +198,7 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
     ev.plot_curve(agg, cfg.n_list, out / "curve.png", f"Best-of-n exploration: {title}")
-    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0]["encoder"], "mean": agg,
+    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0].get("encoder"), "mean": agg,
                "target": ev.target_met(mean_results, cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "per_seed": per_seed}
     write_metrics(out, metrics)
