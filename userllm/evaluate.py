@@ -140,13 +140,19 @@ def popularity_baseline(ds, train_examples: Examples, examples: Examples, catalo
     return {"count": len(examples), **recall_from_beams([ranked] * len(labels), labels, KS)}
 
 
+# Short column titles of the diagnostics (userllm.diagnostics): loss with shuffled / no histories minus own.
+COLUMN_TITLES = {"context_gain": "gain(shuf)", "context_gain_none": "gain(none)"}
+
+
 def format_table(rows: Sequence[dict], title: str) -> str:
     """A plain-text results table; rows: {"model", "task", metric...}."""
-    metric_cols = [c for c in ("recall@1", "recall@5", "recall@10", "rouge1", "rouge2", "rougeLsum", "loss")
-                   if any(c in r for r in rows)]
+    metric_cols = [c for c in ("recall@1", "recall@5", "recall@10", "rouge1", "rouge2", "rougeLsum", "loss",
+                               "context_gain", "context_gain_none") if any(c in r for r in rows)]
     cols = ["model", "task"] + metric_cols + ["users"]
-    width = {c: max(len(c), *(len(_fmt(r.get(c if c != "users" else "count"))) for r in rows)) for c in cols}
-    lines = [title, "  ".join(c.ljust(width[c]) if i < 2 else c.rjust(width[c]) for i, c in enumerate(cols))]
+    head = {c: COLUMN_TITLES.get(c, c) for c in cols}
+    width = {c: max(len(head[c]), *(len(_fmt(r.get(c if c != "users" else "count"))) for r in rows)) for c in cols}
+    lines = [title, "  ".join(head[c].ljust(width[c]) if i < 2 else head[c].rjust(width[c])
+                              for i, c in enumerate(cols))]
     for r in rows:
         vals = [_fmt(r.get(c if c != "users" else "count")) for c in cols]
         lines.append("  ".join(v.ljust(width[c]) if i < 2 else v.rjust(width[c])

@@ -43,6 +43,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .cli import run_cli
 from .config import TrainConfig, parse_config
 from .errors import UserError
+from .diagnostics import encoder_recall, user_signal
 from .evaluate import (eval_subset, format_table, generate_and_score, popularity_baseline,
                        teacher_forced_loss)
 from .training import (MetricsLogger, autocast, cosine_with_warmup, optimizer_step, pick_device, progress,
@@ -545,6 +546,8 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, device, amp,
     metrics = generate_and_score(model, batcher, ds, test_ex, beams=cfg.beams, batch_size=cfg.eval_batch_size,
                                  device=device, amp=amp, max_new_tokens=cfg.max_target_tokens)
     metrics["loss"] = teacher_forced_loss(model, batcher, ds, test_ex, cfg.eval_batch_size, device, amp)
+    # Issue 14: whether the LLM uses the user (context gain, gates) and what its encoder alone ranks.
+    metrics.update(user_signal(model, batcher, ds, test_ex, batch_size=cfg.eval_batch_size, device=device, amp=amp))
     rows = [{"model": cfg.model_name, "task": cfg.task, **metrics}]
     results = {"model": cfg.model_name, "task": cfg.task, "dataset": cfg.dataset, "split": split,
                "window": cfg.window, split: metrics}
@@ -554,6 +557,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, device, amp,
         pop = popularity_baseline(ds, train_ex, test_ex, batcher.catalogue)
         results["baselines"] = {"popularity": pop}
         rows.append({"model": "popularity", "task": cfg.task, **pop})
+        enc = encoder_recall(model, ds, test_ex, device=device)
+        if enc is not None:
+            results["baselines"]["encoder"] = enc
+            rows.append({"model": "encoder (own head)", "task": cfg.task, **enc})
     what = (f"constrained beam search, {cfg.beams} beams" if batcher.catalogue is not None
             else f"greedy decoding, at most {cfg.max_target_tokens} tokens")
     log("")
@@ -562,6 +569,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, device, amp,
         log(f"training: {train_info['steps']} steps, loss {train_info['first_loss']:.3f} -> "
             f"{train_info['final_loss']:.3f} in {train_info['train_seconds']:.0f}s; "
             f"decoding {metrics['decode_seconds']:.0f}s")
+    if "gates" in metrics:
+        log("tanh(gates) of the cross-attention blocks: attn " +
+            ", ".join(f"{g:.3f}" for g in metrics["gates"]["attn"]) + "; ffn " +
+            ", ".join(f"{g:.3f}" for g in metrics["gates"]["ffn"]))
     for s in metrics.get("samples", [])[:3]:
         log(f"  e.g. reference {s.get('reference')!r}: " +
             (f"top-3 {s['top3']}" if "top3" in s else f"generated {s['generated']!r}"))
