@@ -64,6 +64,8 @@ class TrainConfig:
                                         "closed gates would barely open in a short run)")
     perceiver_latents: int = opt(0, "Perceiver resampler latents (0 = no resampler)", min=0)
     perceiver_layers: int = opt(1, "Perceiver resampler layers", min=1)
+    readout_tokens: int = opt(0, "also give the LLM the encoder's K best next-item candidates as user tokens "
+                              "(0 = the paper's per-event tokens only; userllm.integration.readout)", min=0)
     soft_prompt_tokens: int = opt(4, "learned task-prompt tokens (soft-prompt integration)", min=0)
     strategy: str = opt("full", "trainable parts: full (everything), lora (LoRA on the LLM + encoder + "
                         "projections), enc (encoder + integration), proj (integration only); with the embedded "
@@ -167,6 +169,8 @@ class TrainConfig:
             name += f"-perceiver{self.perceiver_latents}"
         if self.text_events:
             name += f"-TP{self.text_events}"
+        if self.readout_tokens:
+            name += f"-readout{self.readout_tokens}"
         return name
 
 

@@ -209,3 +209,52 @@ def user_signal(model, batcher, ds, examples: Examples, *, batch_size: int = 32,
     if gates is not None:
         out["gates"] = gates
     return out
+
+
+def main(argv=None) -> int:
+    """``python -m userllm.diagnostics RUN_DIR [--users N]``: beam search vs exhaustive likelihood ranking."""
+    import argparse
+    import time
+
+    from .data.examples import make_examples
+    from .errors import UserError
+    from .evaluate import eval_subset, generate_and_score, load_run
+    from .utils.atomic import write_json
+
+    parser = argparse.ArgumentParser(prog="python -m userllm.diagnostics",
+                                     description="Score a run's test users by constrained beam search and by "
+                                                 "the exhaustive likelihood ranking of the whole catalogue.")
+    parser.add_argument("run_dir", help="a run directory written by python -m userllm.train")
+    parser.add_argument("--users", type=int, default=50, help="test users (a fixed random subset; 0 = all)")
+    parser.add_argument("--chunk", type=int, default=2048, help="catalogue entries per forward")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    r = load_run(args.run_dir, threads=args.threads, overrides={"eval_users": args.users})
+    if r.batcher.catalogue is None:
+        raise UserError(f"{args.run_dir}: task {r.cfg.task!r} has no catalogue to rank")
+    ex = eval_subset(make_examples(r.ds, r.cfg.task, r.cfg.window, "test"), args.users)
+    t0 = time.time()
+    beams = generate_and_score(r.model, r.batcher, r.ds, ex, beams=r.cfg.beams, device=r.device, amp=r.amp,
+                               disable_progress=True)
+    t1 = time.time()
+    full = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=args.chunk, device=r.device, amp=r.amp)
+    t2 = time.time()
+    out = {"run": str(r.run_dir), "checkpoint": str(r.checkpoint), "users": len(ex),
+           "beam_search": {k: beams[k] for k in beams if k.startswith("recall@")} | {"seconds": round(t1 - t0, 1)},
+           "likelihood_ranking": full | {"seconds": round(t2 - t1, 1)}}
+    enc = encoder_recall(r.model, r.ds, ex, device=r.device)
+    if enc is not None:
+        out["encoder"] = enc
+    for name in ("beam_search", "likelihood_ranking", "encoder"):
+        if name in out:
+            m = out[name]
+            print(f"{name:<20}" + "  ".join(f"R@{k} {m[f'recall@{k}']:.4f}" for k in KS))
+    write_json(r.run_dir / "diagnostics.json", out)
+    print(f"wrote {r.run_dir / 'diagnostics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -247,10 +247,24 @@ def build_model(cfg: TrainConfig, llm, encoder) -> nn.Module:
     gate = cfg.xattn_gate_init if cfg.xattn_gate_init is not None else (0.0 if cfg.llm is not None else 0.1)
     ucfg = UserLLMConfig(integration=cfg.integration, xattn_every=cfg.xattn_every,
                          perceiver_latents=cfg.perceiver_latents, perceiver_layers=cfg.perceiver_layers,
-                         task_prompt_len=cfg.soft_prompt_tokens, gate_init=gate)
+                         task_prompt_len=cfg.soft_prompt_tokens, gate_init=gate, readout_tokens=cfg.readout_tokens)
     model = UserLLM(llm, encoder, ucfg)
     apply_strategy(model, cfg.strategy, lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank)
     return model
+
+
+def fill_readout(model: nn.Module, ds, tok) -> None:
+    """Give the readout tokens (``--readout-tokens``) each item's title vector: the mean of the LLM's
+    input embeddings of the title's answer tokens (:mod:`userllm.integration.readout`)."""
+    from .integration.readout import title_vectors
+    from .text_prompt import target_text
+
+    readout = getattr(model, "readout", None)
+    if readout is None:
+        return
+    titles = ds.item_titles(np.arange(readout.title_vectors.shape[0]))
+    ids = tok([target_text(t) for t in titles[1:]], add_special_tokens=False)["input_ids"]
+    readout.set_title_vectors(title_vectors(model.llm, [[]] + ids))
 
 
 def checkpoint_modules(model: nn.Module, cfg: TrainConfig) -> dict[str, nn.Module]:
@@ -263,6 +277,8 @@ def checkpoint_modules(model: nn.Module, cfg: TrainConfig) -> dict[str, nn.Modul
             mods[name] = getattr(model, name)
     if len(model.xattn):
         mods["xattn"] = model.xattn
+    if model.readout is not None:
+        mods["readout"] = model.readout
     if cfg.llm is None or cfg.strategy in ("full", "lora"):
         mods["llm"] = model.llm
     return mods
@@ -437,7 +453,9 @@ def train(cfg: TrainConfig) -> dict:
         encoder = build_encoder_for(cfg, ds, run_dir, dist, log)
         if dist.main:
             write_json(run_dir / "encoder.json", {"kind": encoder.kind, "config": encoder.config.to_dict()})
-    model = build_model(cfg, llm, encoder).to(device)
+    model = build_model(cfg, llm, encoder)
+    fill_readout(model, ds, tok)
+    model = model.to(device)
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)
