@@ -37,3 +37,18 @@ def test_closed_gates_give_exactly_no_gain(tmp_path, cache, capsys):
     assert set(m["baselines"]) == {"popularity", "encoder"}
     out = capsys.readouterr().out
     assert "gain(shuf)" in out and "encoder (own head)" in out and "tanh(gates)" in out
+
+
+def test_a_short_training_shows_a_clear_positive_gain(tmp_path, cache):
+    """Synthetic FavGenre (the answer is a function of the window): 120 steps of the default xattn model.
+
+    Measured (11:30 run, same options): gain(shuf) 0.53 nats per target token, Recall@1 0.75 against
+    popularity's 0.31; at 40 steps the gain was still 0.002, so fewer steps would test nothing."""
+    run_train(tiny_args(cache, tmp_path / "run", task="favgenre", synthetic_users=40, synthetic_events=16,
+                        window=8, steps=120, batch_size=16, eval_users=16))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    t = m["test"]
+    assert t["context_gain"] > 0.1, t
+    assert t["loss_shuffled"] > t["loss_own"] and t["loss_none"] > t["loss_own"]
+    assert t["recall@1"] > m["baselines"]["popularity"]["recall@1"]
+    assert "encoder" not in m["baselines"]          # FavGenre: no next-item head to compare with

@@ -3,9 +3,13 @@
 The per-event embeddings of User-LLM carry what the encoder knows about the next item only implicitly:
 the AR encoder's last state ranks the next item through its tied softmax head (``head_proj(h) @ table^T``),
 a map the cross-attention would have to learn again, title by title, from the task's few examples per
-item. On ml-latest-small it did not: the encoder alone is at 1.7x popularity's Recall@10 while the LLM
-reading its per-event embeddings is at popularity's level and its target loss moves 0.009 nats when
-the users' histories are shuffled (README, MovieLens / NextItem).
+item. On ml-latest-small it did not: the encoder alone is at 1.75x popularity's Recall@10 while the
+LLM reading its per-event embeddings is at or below popularity's level, and its target loss does not
+move when the users' histories are shuffled (README, "NextItem on ml-latest-small").
+
+Measured there (README): in 300 steps the LLM did not learn to copy from these tokens either, through
+cross-attention or as a soft prompt, so they are off by default (``--readout-tokens 0``); the module
+stays as the starting point of a caption stage (issue 14).
 
 A :class:`NextItemReadout` makes that knowledge readable. For each request it takes the encoder's
 next-item scores [B, V] (``encoder.score_next``), keeps the K best items and turns each into one token
