@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -309,27 +308,8 @@ def select_kernels(cfg: TrainConfig, device: torch.device) -> str:
 
     Returns a one-line description of the path taken (printed once by rank 0).
     """
-    from .kernels import use_backend
-    from .kernels import dispatch
-
-    if not cfg.fused_kernels:
-        use_backend("reference")
-        return "kernels: PyTorch reference ops (pass --fused-kernels for the fused ones)"
-    if device.type == "cuda":
-        if dispatch._triton_importable():
-            use_backend("triton")
-            return "kernels: fused Triton kernels on CUDA"
-        use_backend("reference")
-        return "kernels: --fused-kernels asked for Triton, which is not installed; using the PyTorch reference ops"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        native = dispatch.native_available(device.type)
-    if native:
-        use_backend("native")
-        return ("kernels: native C++ embedding_concat on CPU (the attention ops have no CPU kernel and use "
-                "the PyTorch reference)")
-    use_backend("reference")
-    return "kernels: --fused-kernels: the native CPU library is not built; using the PyTorch reference ops"
+    from .kernels import select_backend
+    return select_backend(cfg.fused_kernels, device)
 
 
 def set_threads(cfg: TrainConfig, device: torch.device) -> None:
