@@ -52,3 +52,24 @@ def test_a_short_training_shows_a_clear_positive_gain(tmp_path, cache):
     assert t["loss_shuffled"] > t["loss_own"] and t["loss_none"] > t["loss_own"]
     assert t["recall@1"] > m["baselines"]["popularity"]["recall@1"]
     assert "encoder" not in m["baselines"]          # FavGenre: no next-item head to compare with
+
+
+def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path, cache):
+    """With as many beams as catalogue entries the constrained beam search is exact, so its recall must
+    equal that of the exhaustive likelihood ranking; the CLI writes both."""
+    from userllm.data.examples import make_examples
+    from userllm.diagnostics import catalogue_likelihood_recall, main as diagnostics_main
+    from userllm.evaluate import generate_and_score, load_run
+
+    run = tmp_path / "run"
+    run_train(tiny_args(cache, run))
+    r = load_run(run, threads=1)
+    ex = make_examples(r.ds, "nextitem", r.cfg.window, "test")
+    n = len(r.batcher.catalogue)
+    beams = generate_and_score(r.model, r.batcher, r.ds, ex, beams=n, disable_progress=True)
+    full = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=7)
+    for k in (1, 5, 10):
+        assert full[f"recall@{k}"] == pytest.approx(beams[f"recall@{k}"]), k
+    diagnostics_main([str(run), "--users", "3", "--threads", "1"])
+    out = json.loads((run / "diagnostics.json").read_text())
+    assert out["users"] == 3 and set(out) >= {"beam_search", "likelihood_ranking", "encoder"}

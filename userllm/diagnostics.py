@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     for name in ("beam_search", "likelihood_ranking", "encoder"):
         if name in out:
             m = out[name]
-            print(f"{name:<20}" + "  ".join(f"R@{k} {m[f'recall@{k}']:.4f}" for k in KS))
+            print(f"{name:<20}" + "  ".join(f"R@{k} {m[f'recall@{k}']:.4f}" for k in KS if f"recall@{k}" in m))
     write_json(r.run_dir / "diagnostics.json", out)
     print(f"wrote {r.run_dir / 'diagnostics.json'}")
     return 0
