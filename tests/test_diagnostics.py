@@ -59,7 +59,8 @@ def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path
     equal that of the exhaustive likelihood ranking; the CLI writes both."""
     from userllm.data.examples import make_examples
     from userllm.diagnostics import catalogue_likelihood_recall, main as diagnostics_main
-    from userllm.evaluate import generate_and_score, load_run
+    from userllm.evaluation import generate_and_score
+    from userllm.factory import load_run
 
     run = tmp_path / "run"
     run_train(tiny_args(cache, run))

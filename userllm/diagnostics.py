@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .data.examples import Examples, collate
-from .metrics import label_ranks, metrics_from_ranks
+from .metrics import KS, label_ranks, metrics_from_ranks
 
-KS = (1, 5, 10)
 # Seed of the across-user shuffle: fixed (not the run's seed) so that runs are compared on the same pairs.
 SHUFFLE_SEED = 4321
 CONTEXTS = ("own", "shuffled", "none")
@@ -213,15 +212,17 @@ def user_signal(model, batcher, ds, examples: Examples, *, batch_size: int = 32,
 
 def main(argv=None) -> int:
     """``python -m userllm.diagnostics RUN_DIR [--users N]``: beam search vs exhaustive likelihood ranking."""
-    import argparse
     import time
+
+    from .cli import ArgumentParser, select_kernels
 
     from .data.examples import make_examples
     from .errors import UserError
-    from .evaluate import eval_subset, generate_and_score, load_run
+    from .evaluation import eval_subset, generate_and_score
+    from .factory import load_run
     from .utils.atomic import write_json
 
-    parser = argparse.ArgumentParser(prog="python -m userllm.diagnostics",
+    parser = ArgumentParser(prog="python -m userllm.diagnostics",
                                      description="Score a run's test users by constrained beam search and by "
                                                  "the exhaustive likelihood ranking of the whole catalogue.")
     parser.add_argument("run_dir", help="a run directory written by python -m userllm.train")
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     r = load_run(args.run_dir, threads=args.threads, overrides={"eval_users": args.users})
+    select_kernels(r.cfg, r.device)
     if r.batcher.catalogue is None:
         raise UserError(f"{args.run_dir}: task {r.cfg.task!r} has no catalogue to rank")
     ex = eval_subset(make_examples(r.ds, r.cfg.task, r.cfg.window, "test"), args.users)
