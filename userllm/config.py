@@ -148,6 +148,8 @@ class TrainConfig(DataOptions):
 
     perceiver_latents: int = opt(0, "Perceiver resampler latents (0 = no resampler)", min=0)
     perceiver_layers: int = opt(1, "Perceiver resampler layers", min=1)
+    readout_tokens: int = opt(0, "also give the LLM the encoder's K best next-item candidates as user tokens "
+                              "(0 = the paper's per-event tokens only; userllm.integration.readout)", min=0)
     soft_prompt_tokens: int = opt(4, "learned task-prompt tokens (soft-prompt integration)", min=0)
     strategy: str = opt("full", "trainable parts: full (everything), lora (LoRA on the LLM + encoder + "
                         "projections), enc (encoder + integration), proj (integration only); with the embedded "
@@ -197,6 +199,8 @@ class TrainConfig(DataOptions):
     log_every: int = opt(20, "log training metrics every n steps", min=1, resumable=True)
     fused_kernels: bool = opt(False, "route embedding_concat / latent / cached cross-attention through "
                               "the fused kernels (triton on CUDA, native on CPU) when available", resumable=True)
+    compile: bool = opt(False, "torch.compile (fullgraph) the blocks calling the fused ops: cross-attention, "
+                        "Perceiver, event embedding (userllm.kernels.compile)", resumable=True)
     profile: bool = opt(False, "write profile.json (step times, tokens/s, peak memory)", resumable=True)
     # evaluation
     eval_users: int = opt(200, "evaluate on at most this many test users (0 = all)", min=0, resumable=True)
@@ -227,6 +231,8 @@ class TrainConfig(DataOptions):
             name += f"-perceiver{self.perceiver_latents}"
         if self.text_events:
             name += f"-TP{self.text_events}"
+        if self.readout_tokens:
+            name += f"-readout{self.readout_tokens}"
         return name
 
     @property
@@ -241,7 +247,8 @@ class TrainConfig(DataOptions):
 
         return UserLLMConfig(integration=self.integration, xattn_every=self.xattn_every,
                              perceiver_latents=self.perceiver_latents, perceiver_layers=self.perceiver_layers,
-                             task_prompt_len=self.soft_prompt_tokens, gate_init=self.gate_init)
+                             task_prompt_len=self.soft_prompt_tokens, gate_init=self.gate_init,
+                             readout_tokens=self.readout_tokens)
 
     def pretrain_config(self, out: str | Path | None = None) -> "PretrainConfig":
         """The brief encoder pretraining of ``--pretrain-steps`` (``python -m userllm.pretrain``'s recipe and

@@ -164,7 +164,10 @@ def rank_next_items(encoder, ds, evalset, idx: np.ndarray, device: torch.device,
 
 
 # ------------------------------------------------------------------------------------ tables
-METRIC_COLUMNS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "rouge1", "rouge2", "rougeLsum", "loss")
+METRIC_COLUMNS = ("recall@1", "recall@5", "recall@10", "ndcg@10", "rouge1", "rouge2", "rougeLsum", "loss",
+                  "context_gain", "context_gain_none")
+# Short column titles of the diagnostics (userllm.diagnostics): loss with shuffled / no histories minus own.
+COLUMN_TITLES = {"context_gain": "gain(shuf)", "context_gain_none": "gain(none)"}
 
 
 def format_table(rows: Sequence[dict], title: str) -> str:
@@ -173,8 +176,10 @@ def format_table(rows: Sequence[dict], title: str) -> str:
     text_cols = ["model"] + (["task"] if any("task" in r for r in rows) else [])
     cols = text_cols + metric_cols + ["users"]
     n_text = len(text_cols)
-    width = {c: max(len(c), *(len(_fmt(r.get(c if c != "users" else "count"))) for r in rows)) for c in cols}
-    lines = [title, "  ".join(c.ljust(width[c]) if i < n_text else c.rjust(width[c]) for i, c in enumerate(cols))]
+    head = {c: COLUMN_TITLES.get(c, c) for c in cols}
+    width = {c: max(len(head[c]), *(len(_fmt(r.get(c if c != "users" else "count"))) for r in rows)) for c in cols}
+    lines = [title, "  ".join(head[c].ljust(width[c]) if i < n_text else head[c].rjust(width[c])
+                              for i, c in enumerate(cols))]
     for r in rows:
         vals = [_fmt(r.get(c if c != "users" else "count")) for c in cols]
         lines.append("  ".join(v.ljust(width[c]) if i < n_text else v.rjust(width[c])
@@ -199,6 +204,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
     metrics = generate_and_score(model, batcher, ds, test_ex, beams=cfg.beams, batch_size=cfg.eval_batch_size,
                                  device=device, amp=amp, max_new_tokens=cfg.max_target_tokens)
     metrics["loss"] = teacher_forced_loss(model, batcher, ds, test_ex, cfg.eval_batch_size, device, amp)
+    # Issue 14: whether the LLM uses the user (context gain, gates) and what its encoder alone ranks.
+    from .diagnostics import encoder_recall, user_signal
+
+    metrics.update(user_signal(model, batcher, ds, test_ex, batch_size=cfg.eval_batch_size, device=device, amp=amp))
     rows = [{"model": cfg.model_name, "task": cfg.task, **metrics}]
     results = {"model": cfg.model_name, "task": cfg.task, "dataset": cfg.dataset, "split": split,
                "window": cfg.window, split: metrics}
@@ -208,6 +217,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
         pop = popularity_baseline(ds, train_ex, test_ex, batcher.catalogue)
         results["baselines"] = {"popularity": pop}
         rows.append({"model": "popularity", "task": cfg.task, **pop})
+        enc = encoder_recall(model, ds, test_ex, device=device)
+        if enc is not None:
+            results["baselines"]["encoder"] = enc
+            rows.append({"model": "encoder (own head)", "task": cfg.task, **enc})
     what = (f"constrained beam search, {cfg.beams} beams" if batcher.catalogue is not None
             else f"greedy decoding, at most {cfg.max_target_tokens} tokens")
     log("")
@@ -216,6 +229,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
         log(f"training: {train_info['steps']} steps, loss {train_info['first_loss']:.3f} -> "
             f"{train_info['final_loss']:.3f} in {train_info['train_seconds']:.0f}s; "
             f"decoding {metrics['decode_seconds']:.0f}s")
+    if "gates" in metrics:
+        log("tanh(gates) of the cross-attention blocks: attn " +
+            ", ".join(f"{g:.3f}" for g in metrics["gates"]["attn"]) + "; ffn " +
+            ", ".join(f"{g:.3f}" for g in metrics["gates"]["ffn"]))
     for s in metrics.get("samples", [])[:3]:
         log(f"  e.g. reference {s.get('reference')!r}: " +
             (f"top-3 {s['top3']}" if "top3" in s else f"generated {s['generated']!r}"))

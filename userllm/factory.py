@@ -172,6 +172,23 @@ def build_model(cfg: TrainConfig, llm: nn.Module, encoder: nn.Module | None) -> 
     return apply_strategy(model, cfg.strategy, lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank)
 
 
+def fill_readout(model: nn.Module, ds, tok) -> None:
+    """Give the readout tokens (``--readout-tokens``) each item's title vector: the mean of the LLM's
+    input embeddings of the title's answer tokens (:mod:`userllm.integration.readout`). A reloaded run
+    needs no call: the vectors are a buffer in its checkpoint."""
+    import numpy as np
+
+    from .integration.readout import title_vectors
+    from .text_prompt import target_text
+
+    readout = getattr(model, "readout", None)
+    if readout is None:
+        return
+    titles = ds.item_titles(np.arange(readout.title_vectors.shape[0]))
+    ids = tok([target_text(t) for t in titles[1:]], add_special_tokens=False)["input_ids"]
+    readout.set_title_vectors(title_vectors(model.llm, [[]] + ids))
+
+
 def checkpoint_modules(model: nn.Module, cfg: TrainConfig) -> dict[str, nn.Module]:
     """The modules a checkpoint stores: everything, except a frozen ``--llm`` (reloaded from its directory)."""
     if model.encoder is None:                               # TextPrompt: only the LLM
@@ -182,6 +199,8 @@ def checkpoint_modules(model: nn.Module, cfg: TrainConfig) -> dict[str, nn.Modul
             mods[name] = getattr(model, name)
     if len(model.xattn):
         mods["xattn"] = model.xattn
+    if getattr(model, "readout", None) is not None:
+        mods["readout"] = model.readout
     if cfg.llm is None or cfg.strategy in ("full", "lora"):
         mods["llm"] = model.llm
     return mods

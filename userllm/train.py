@@ -48,6 +48,7 @@ from .distributed import Dist, init_distributed
 from .errors import UserError
 from .evaluation import eval_subset, evaluate_and_report
 from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, checkpoint_modules,
+                      fill_readout,
                       count_parameters, load_data, make_batcher, set_threads)
 from .loop import (amp_factory, batch_for_step, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
                    seed_everything, train_loop)
@@ -132,7 +133,12 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         if dist.main:
             write_json(run_dir / ENCODER_SPEC_FILE, {"kind": encoder.kind, "config": encoder.config.to_dict()})
     with user_errors("the model"):
-        model = build_model(cfg, llm, encoder).to(device)
+        model = build_model(cfg, llm, encoder)
+        fill_readout(model, ds, tok)
+        model = model.to(device)
+    if cfg.compile:  # userllm.kernels.compile: the blocks that call the fused ops, fullgraph
+        from .kernels.compile import compile_model
+        log(f"compile: {', '.join(compile_model(model)) or 'no block calls a fused op'}", flush=True)
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)

@@ -22,6 +22,7 @@ from .cross_attention import CrossAttentionHook, GatedCrossAttentionBlock, attac
 from .layers import (UserContext, UserProjection, find_decoder_layers, lengths_from_mask, llm_hidden_size,
                      llm_num_heads)
 from .perceiver import PerceiverResampler
+from .readout import NextItemReadout, append_tokens
 from .soft_prompt import SoftPrompt, position_ids_from_mask, prepend
 
 INTEGRATIONS = ("xattn", "softprompt")
@@ -40,6 +41,8 @@ class UserLLMConfig:
         gradient is noise behind closed gates, which hardly open with a random LLM in a short run).
     perceiver_latents: 0 = no Perceiver; else the number of latent tokens the history is resampled to.
     task_prompt_len: learned task-prompt tokens after the user tokens (soft prompt only).
+    readout_tokens: 0 = the paper's user tokens only; K > 0 also gives the LLM the encoder's K best
+        next-item candidates as tokens (:mod:`userllm.integration.readout`; needs ``encoder.score_next``).
     """
 
     integration: str = "xattn"
@@ -53,6 +56,7 @@ class UserLLMConfig:
     perceiver_layers: int = 1
     perceiver_heads: int | None = None
     task_prompt_len: int = 8
+    readout_tokens: int = 0
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -63,6 +67,8 @@ class UserLLMConfig:
         if self.perceiver_latents < 0 or self.perceiver_layers < 1:
             raise ValueError(f"perceiver needs latents >= 0 and layers >= 1, got {self.perceiver_latents}, "
                             f"{self.perceiver_layers}")
+        if self.readout_tokens < 0:
+            raise UserError(f"readout_tokens must be >= 0, got {self.readout_tokens}")
         if self.task_prompt_len < 0:
             raise ValueError(f"task_prompt_len must be >= 0, got {self.task_prompt_len}")
         if not 0.0 <= self.dropout < 1.0:
@@ -78,6 +84,16 @@ def _encoder_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(out, (tuple, list)):
         return out[0], (out[1] if len(out) > 1 else None)
     return out, None
+
+
+def _scored_vocab(encoder: nn.Module) -> int:
+    """Size of the vocabulary ``encoder.score_next`` scores (the AR encoder's item feature, the dual
+    encoder's label feature)."""
+    name = getattr(encoder.config, "label_feature", "item")
+    for spec in encoder.config.feature_specs:
+        if spec.name == name:
+            return int(spec.num_embeddings)
+    raise ValueError(f"the encoder has no {name!r} feature to read next-item candidates from")
 
 
 class _WithPrompt(LogitsProcessor):
@@ -108,7 +124,7 @@ class UserLLM(nn.Module):
 
     Submodules (the parameter groups of :mod:`userllm.integration.strategies`): ``llm``, ``encoder``,
     ``projection``, ``perceiver`` (or None), ``xattn`` (ModuleList of blocks, empty for soft prompt),
-    ``soft_prompt`` (or None).
+    ``soft_prompt`` (or None), ``readout`` (or None).
     """
 
     def __init__(self, llm: nn.Module, encoder: nn.Module, config: UserLLMConfig | None = None,
@@ -128,6 +144,11 @@ class UserLLM(nn.Module):
             self.perceiver = PerceiverResampler(d_llm, config.perceiver_latents, config.perceiver_layers,
                                                 config.perceiver_heads or default_heads,
                                                 dropout=config.dropout)
+        self.readout = None
+        if config.readout_tokens > 0:
+            if not hasattr(encoder, "score_next"):
+                raise ValueError("readout tokens need an encoder with a next-item head (score_next)")
+            self.readout = NextItemReadout(_scored_vocab(encoder), d_llm, config.readout_tokens)
         self.xattn = nn.ModuleList()
         self.soft_prompt = None
         self.xattn_layer_indices: list[int] = []
@@ -161,6 +182,9 @@ class UserLLM(nn.Module):
         states = self.projection(emb.to(self.projection.net[0].weight.dtype))
         if self.perceiver is not None:
             states, kv_lengths = self.perceiver(states, kv_lengths)
+        if self.readout is not None:
+            states, kv_lengths = append_tokens(states, kv_lengths, self.readout(self.encoder.score_next(features,
+                                                                                                       lengths)))
         return states, kv_lengths
 
     def prepare_user_context(self, features: list[torch.Tensor], lengths: torch.Tensor, *,
@@ -326,4 +350,4 @@ class UserLLM(nn.Module):
         if self.config.integration == "xattn":
             return 0
         n_user = self.perceiver.n_latents if self.perceiver is not None else n_events
-        return n_user + self.config.task_prompt_len
+        return n_user + self.config.readout_tokens + self.config.task_prompt_len

@@ -8,7 +8,7 @@
     proj : only the projection/integration layers train (projection, Perceiver, xattn blocks, soft prompt)
 
 Parameter groups are the UserLLM's top-level submodules: ``llm``, ``encoder`` and the integration
-group ``projection``, ``perceiver``, ``xattn``, ``soft_prompt``.
+group ``projection``, ``perceiver``, ``xattn``, ``soft_prompt``, ``readout``.
 
 The encoder's pretraining-only parts (the autoregressive encoder's next-event heads ``head_proj`` /
 ``head_bias``, the dual encoder's label tower ``label_mlp``) are never trainable here: the UserLLM's
@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from .layers import find_decoder_layers
 
 STRATEGIES = ("full", "lora", "enc", "proj")
-INTEGRATION_GROUPS = ("projection", "perceiver", "xattn", "soft_prompt")
+INTEGRATION_GROUPS = ("projection", "perceiver", "xattn", "soft_prompt", "readout")
 # Encoder submodules used only by the pretraining loss (AutoregressiveEncoder / DualEncoder).
 PRETRAINING_ONLY = ("head_proj", "head_bias", "label_mlp")
 
