@@ -303,3 +303,15 @@ def load_run(run_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None
     model.to(dev).eval()
     batcher = make_batcher(cfg, ds, tok, model)
     return LoadedRun(run, cfg, ckpt, dev, ds, tok, model, batcher, amp_factory(dev, cfg.bf16))
+
+
+def check_paths(cfg) -> None:
+    """Fail fast (before loading data or models) on paths that cannot work."""
+    from .llm import check_llm_dir
+
+    if cfg.encoder_checkpoint is not None and not Path(cfg.encoder_checkpoint).is_file():
+        raise UserError(f"--encoder-checkpoint {cfg.encoder_checkpoint}: file not found")
+    if cfg.llm is not None:
+        check_llm_dir(cfg.llm)
+    if cfg.data_path is not None and not Path(cfg.data_path).exists():
+        raise UserError(f"--data-path {cfg.data_path}: no such file or directory")

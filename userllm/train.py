@@ -47,7 +47,8 @@ from .config import TrainConfig, parse_config
 from .distributed import Dist, init_distributed
 from .errors import UserError
 from .evaluation import eval_subset, evaluate_and_report
-from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, checkpoint_modules,
+from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, check_paths,
+                      checkpoint_modules,
                       fill_readout,
                       count_parameters, load_data, make_batcher, set_threads)
 from .loop import (amp_factory, batch_for_step, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
@@ -55,18 +56,6 @@ from .loop import (amp_factory, batch_for_step, check_finite_weights, cosine_wit
 from .runs import (METRICS_LOG, MetricsLogger, cleanup_on_failure, open_run, read_jsonl, write_metrics,
                    write_run_config)
 from .utils.atomic import write_json
-
-
-def check_paths(cfg: TrainConfig) -> None:
-    """Fail fast (before loading data or models) on paths that cannot work."""
-    from .llm import check_llm_dir
-
-    if cfg.encoder_checkpoint is not None and not Path(cfg.encoder_checkpoint).is_file():
-        raise UserError(f"--encoder-checkpoint {cfg.encoder_checkpoint}: file not found")
-    if cfg.llm is not None:
-        check_llm_dir(cfg.llm)
-    if cfg.data_path is not None and not Path(cfg.data_path).exists():
-        raise UserError(f"--data-path {cfg.data_path}: no such file or directory")
 
 
 def run_dir_for(cfg: TrainConfig, dist: Dist) -> Path:

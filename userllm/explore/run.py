@@ -167,7 +167,7 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
 
 def run(cfg: ExploreConfig, log=print) -> dict:
     """Every seed, then the aggregate: metrics.json, table.md, curve.png in the run directory."""
-    from ..train import check_paths
+    from ..factory import check_paths
 
     check_paths(cfg.train_config(cfg.seed))
     if cfg.threads:
