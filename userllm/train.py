@@ -219,14 +219,10 @@ class TextPromptModel(nn.Module):
 
 
 def apply_text_prompt_strategy(model: TextPromptModel, strategy: str, lora_rank: int) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from .integration.strategies import lora_target_modules
+    from .integration.strategies import inject_lora
 
     if strategy == "lora":
-        targets, conv1d = lora_target_modules(model.llm)
-        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.05,
-                                           target_modules=targets, fan_in_fan_out=conv1d, bias="none"), model.llm)
+        inject_lora(model.llm, lora_rank, 2 * lora_rank, 0.05)
     for name, p in model.llm.named_parameters():
         p.requires_grad_(strategy == "full" or "lora_" in name)
 
