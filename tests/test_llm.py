@@ -95,3 +95,21 @@ def test_sized_default_llm_layouts():
     assert 100e6 < sum(p.numel() for p in model.parameters()) < 110e6
     with pytest.raises(ValueError, match="head size 64"):
         DefaultLLMConfig.sized(544, 2)
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate", "delete"])
+def test_damaged_tokenizer_cache_entry_is_rebuilt(tmp_path, damage):
+    _, good = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=None)
+    (path,) = tmp_path.glob("tokenizer-*/tokenizer.json")
+    if damage == "garble":
+        path.write_text("{not json")
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.unlink()
+    logs: list[str] = []
+    _, healed = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=logs.append)
+    assert any("is unusable" in line for line in logs) and healed.get_vocab() == good.get_vocab()
+    logs.clear()
+    _, again = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=logs.append)
+    assert logs == [] and again.get_vocab() == good.get_vocab()

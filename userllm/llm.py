@@ -32,6 +32,7 @@ import torch
 
 from .errors import UserError
 from .utils.atomic import atomic_directory
+from .utils.cache import read_manifest, write_manifest
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 TOKENIZER_VERSION = 1  # bump when the training recipe below changes, to invalidate caches
@@ -107,20 +108,45 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> "PreTrained
     return _wrap_fast(tok)
 
 
-def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike | None, vocab_size: int = 2048):
-    """Train (or reuse) the default tokenizer; cached under ``cache_dir/tokenizer-<hash of corpus>``."""
+def _unusable(entry: Path, exc: Exception, log: Callable[[str], None] | None) -> None:
+    if log:
+        log(f"cache entry {entry} is unusable ({type(exc).__name__}: {exc}); rebuilding it")
+
+
+def _seal(entry: Path, write: Callable[[Path], None], log: Callable[[str], None] | None) -> None:
+    """Write a cache entry atomically and seal it with its manifest; an unwritable cache costs a rebuild
+    next time, not this run."""
+    try:
+        with atomic_directory(entry) as tmp:
+            write(tmp)
+            write_manifest(tmp, kind=entry.name.split("-", 1)[0])
+    except OSError as exc:
+        if log:
+            log(f"could not write the cache entry {entry} ({exc})")
+
+
+def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike | None, vocab_size: int = 2048,
+                     log: Callable[[str], None] | None = print):
+    """Train (or reuse) the default tokenizer; cached under ``cache_dir/tokenizer-<hash of corpus>``.
+
+    The entry is verified against its manifest (:mod:`userllm.utils.cache`) before use; a damaged one is
+    reported through ``log`` and retrained.
+    """
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
     if cache_dir is None:
         return train_tokenizer(texts, vocab_size)
     entry = Path(cache_dir) / f"tokenizer-{_tokenizer_key(texts, vocab_size)}"
-    if (entry / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(entry / "tokenizer.json"), pad_token=PAD, bos_token=BOS,
-                                       eos_token=EOS, unk_token=UNK, padding_side="right")
+    if entry.exists():
+        try:
+            read_manifest(entry, required=("tokenizer.json",))
+            return PreTrainedTokenizerFast(tokenizer_file=str(entry / "tokenizer.json"), pad_token=PAD,
+                                           bos_token=BOS, eos_token=EOS, unk_token=UNK, padding_side="right")
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+            _unusable(entry, exc, log)
     tok = train_tokenizer(texts, vocab_size)
-    with atomic_directory(entry) as tmp:
-        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    _seal(entry, lambda tmp: tok.backend_tokenizer.save(str(tmp / "tokenizer.json")), log)
     return tok
 
 
@@ -255,18 +281,30 @@ def cached_pretrained_llm(model, tok, texts: Sequence[str], cache_dir: str | os.
     if cache_dir is None:
         return pretrain_default_llm(model, tok, texts, config, log) | {"cached": False}
     entry = Path(cache_dir) / f"llm-{_pretrained_key(texts, tok, model_config, config, vocab)}"
-    if (entry / "model.safetensors").is_file() and (entry / "pretrain.json").is_file():
-        # load_model handles the tied input/output embeddings (stored once); strict: every weight is there.
-        load_model(model, str(entry / "model.safetensors"), strict=True)
-        info = json.loads((entry / "pretrain.json").read_text())
-        if log:
-            log(f"default LLM: pretrained weights from {entry} ({info['steps']} steps, final loss "
-                f"{info['final_loss']:.3f})")
-        return info | {"cached": True}
+    if entry.exists():
+        # A load that fails halfway must not leave the seeded initial weights half overwritten: the rebuild
+        # pretrains from exactly the weights an empty cache would have.
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            read_manifest(entry, required=("model.safetensors", "pretrain.json"))
+            info = json.loads((entry / "pretrain.json").read_text())
+            # load_model handles the tied input/output embeddings (stored once); strict: every weight is there.
+            load_model(model, str(entry / "model.safetensors"), strict=True)
+            if log:
+                log(f"default LLM: pretrained weights from {entry} ({info['steps']} steps, final loss "
+                    f"{info['final_loss']:.3f})")
+            return info | {"cached": True}
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+            model.load_state_dict(initial)
+            _unusable(entry, exc, log)
+        del initial
     info = pretrain_default_llm(model, tok, texts, config, log)
-    with atomic_directory(entry) as tmp:
+
+    def write(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "pretrain.json").write_text(json.dumps(info | {"recipe": asdict(config)}, indent=2) + "\n")
+
+    _seal(entry, write, log)
     return info | {"cached": False}
 
 
@@ -311,7 +349,7 @@ def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | No
             raise ValueError("load_llm(None) builds the default LLM and needs the corpus `texts` for its tokenizer")
         cfg = default_config or DefaultLLMConfig()
         texts = list(texts)
-        tok = cached_tokenizer(texts, cache_dir, cfg.vocab_size)
+        tok = cached_tokenizer(texts, cache_dir, cfg.vocab_size, log=log)
         model = build_default_llm(len(tok), cfg, seed)
         model.config.pad_token_id, model.config.bos_token_id = tok.pad_token_id, tok.bos_token_id
         model.config.eos_token_id = tok.eos_token_id
