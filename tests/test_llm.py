@@ -113,3 +113,19 @@ def test_damaged_tokenizer_cache_entry_is_rebuilt(tmp_path, damage):
     logs.clear()
     _, again = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=logs.append)
     assert logs == [] and again.get_vocab() == good.get_vocab()
+
+
+def test_checkpoint_saved_in_bf16_loads_in_float32(tmp_path):
+    """Hub checkpoints are mostly bf16; training keeps float32 weights (``-h``: CPU runs float32)."""
+    model, tok = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=None)
+    d = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(d)
+    tok.save_pretrained(d)
+    loaded, _ = load_llm(d)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    save_llm_spec(tmp_path / "spec", loaded, tok)
+    rebuilt, _ = load_llm_spec(tmp_path / "spec")
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.float32}
+    ids = torch.tensor([[1, 5, 9]])
+    model.float()   # the bf16-rounded weights, exactly representable in float32
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -35,6 +35,7 @@ from .utils.atomic import atomic_directory
 from .utils.cache import read_manifest, write_manifest
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+MODEL_DTYPE = torch.float32  # weights of every LLM loaded here, whatever the checkpoint's dtype (see load_llm)
 TOKENIZER_VERSION = 1  # bump when the training recipe below changes, to invalidate caches
 LM_PRETRAIN_VERSION = 1  # bump when the LM pretraining recipe (LMPretrainConfig or the loop) changes
 
@@ -341,6 +342,8 @@ def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | No
     cache_dir: where the default tokenizer (and pretrained default weights) are cached (beside the data).
     pretrain_steps: default LLM only: causal-LM pretraining steps on ``texts`` (0 = random init);
           see :func:`cached_pretrained_llm`. Ignored with ``path``.
+    torch_dtype: weight dtype of a ``path`` model (default float32 whatever dtype it was saved in: training
+          keeps float32 weights and optimizer states; bf16 is GPU autocast, ``--bf16``).
     log: where the default LLM's pretraining reports (None = silent).
     Raises :class:`UserError` naming the path when it is missing, not a causal LM, or has no tokenizer.
     """
@@ -367,8 +370,9 @@ def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | No
     except Exception as exc:  # noqa: BLE001 - any failure here is a problem with the user's directory
         raise UserError(f"--llm {p}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
-                                                     **({"dtype": torch_dtype} if torch_dtype else {}))
+        # Hub checkpoints are mostly saved in bf16, and transformers 5 loads a checkpoint in its saved dtype;
+        # training keeps float32 weights (and Adam states) everywhere, bf16 comes from autocast on GPU only.
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch_dtype or MODEL_DTYPE)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"--llm {p}: cannot load a causal LM ({type(exc).__name__}: {exc})") from None
     _check_special_tokens(tok)
@@ -400,7 +404,7 @@ def load_llm_spec(src_dir: str | os.PathLike):
     cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=MODEL_DTYPE)   # as load_llm: float32 weights
     _check_special_tokens(tok)
     return model, tok
 
