@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_train import tiny_args
 
-from userllm.training import read_jsonl
+from userllm.runs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     args = tiny_args(tmp_path / "cache", out, steps=4, checkpoint_every=2, pretrain_steps=2, batch_size=8)

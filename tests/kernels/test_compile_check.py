@@ -21,7 +21,8 @@ def _nvidia_toolchain() -> bool:
     return compile_check._triton_tool("ptxas") is not None
 
 
-pytestmark = pytest.mark.skipif(not _nvidia_toolchain(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+pytestmark = [pytest.mark.slow,  # ~50-180 s: compiles every launch for two architectures
+              pytest.mark.skipif(not _nvidia_toolchain(), reason="Triton's NVIDIA backend (ptxas) is not installed")]
 
 
 def _run(tmp_path, *args):

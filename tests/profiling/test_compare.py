@@ -31,6 +31,7 @@ def compare_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_compare_writes_markdown_json_and_pngs(compare_dir):
     for name in ("report.md", "report.json", "tokens.png", "flops.png", "time.png", "memory.png"):
         path = compare_dir / name
@@ -74,6 +75,7 @@ def test_compare_writes_markdown_json_and_pngs(compare_dir):
     assert sp["repeats"] == 1 and "(1 repeat)" in md and "⚠ from a single repeat" in md
 
 
+@pytest.mark.slow
 def test_profiles_and_report_cli(compare_dir, tmp_path):
     prof = json.loads((compare_dir / "runs" / "userllm_L8" / "profile.json").read_text())
     assert prof["schema"] == compare.SCHEMA and prof["run"]["method"] == "userllm"
