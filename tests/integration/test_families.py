@@ -11,7 +11,8 @@ from userllm.decoding import UserLLMStepper
 from userllm.integration import UserLLM, UserLLMConfig, apply_strategy
 from userllm.integration.layers import find_decoder_layers
 from userllm.integration.strategies import lora_target_modules, lora_target_parameters
-from userllm.integration.testing import EDGE_FAMILIES, ToyEncoder, open_gates, single_thread, tiny_llm, toy_features
+from userllm.integration.testing import (EDGE_FAMILIES, ToyEncoder, open_gates, sgd_steps, single_thread, tiny_llm,
+                                        toy_features)
 
 
 @pytest.fixture(autouse=True)
@@ -88,11 +89,7 @@ def test_lora_adapts_fused_expert_weights(family):
     before = {n: p.detach().clone() for n, p in model.llm.named_parameters() if n in adapters}
     feats, lens = toy_features([4, 2])
     ids = torch.randint(3, 96, (2, 6))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):
-        opt.zero_grad()
-        model(ids, features=feats, lengths=lens, labels=ids).loss.backward()
-        opt.step()
+    sgd_steps(model, ids, feats, lens, steps=2)
     moved = [n for n, p in model.llm.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved and not any(p.requires_grad for n, p in model.llm.named_parameters() if "lora_" not in n)
 

@@ -96,6 +96,16 @@ def toy_features(lengths: list[int], max_len: int | None = None, vocab_sizes: tu
     return feats, lens
 
 
+def sgd_steps(model: nn.Module, ids: torch.Tensor, features: list[torch.Tensor], lengths: torch.Tensor,
+              steps: int, lr: float = 0.5) -> None:
+    """``steps`` plain SGD steps of a UserLLM on the LM loss of ``ids`` [B, T] (labels = inputs)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(ids, features=features, lengths=lengths, labels=ids).loss.backward()
+        opt.step()
+
+
 def open_gates(model: nn.Module, value: float = 1.0) -> None:
     """Set every cross-attention gate of a UserLLM to ``value`` so the user side changes the output."""
     with torch.no_grad():
