@@ -1,7 +1,8 @@
 """PNG plots of the User-LLM vs TextPrompt report (matplotlib, Agg backend: no display needed).
 
 One figure per quantity, against history length: ``tokens.png``, ``flops.png``, ``time.png``,
-``memory.png``, ``energy.png``. Log scales where the values span orders of magnitude.
+``memory.png`` and, when some run measured GPU energy, ``energy.png``. Log scales where the values span
+orders of magnitude; timings carry min-max error bars over their repeats.
 """
 
 from __future__ import annotations
@@ -70,15 +71,30 @@ def _finish(ax, title: str, ylabel: str, xs: Sequence[int], log: bool | None = N
         ax.legend(fontsize=8)
 
 
-def _plot_methods(ax, rows, key, scale=1.0, linestyle="-", suffix="", alpha=1.0, marker=None) -> list[int]:
+def _plot_methods(ax, rows, key, scale=1.0, linestyle="-", suffix="", alpha=1.0, marker=None,
+                  spread_key: str | None = None) -> list[int]:
+    """One line per method of ``key`` against history length; with ``spread_key`` (a report spread dict:
+    median/min/max/repeats) error bars span the repeats' min-max, and a single-repeat point is hollow."""
     xs_all = []
     for m, st in STYLE.items():
         xs, ys = _series(rows, m, key)
-        if xs:
-            extra = {"marker": marker, "markersize": 10, "markeredgewidth": 2} if marker else {}
-            ax.plot(xs, [y * scale for y in ys], linestyle=linestyle, alpha=alpha,
-                    **{**st, "label": st["label"] + suffix, **extra})
-            xs_all += xs
+        if not xs:
+            continue
+        extra = {"marker": marker, "markersize": 10, "markeredgewidth": 2} if marker else {}
+        style = {**st, "label": st["label"] + suffix, **extra}
+        ys = [y * scale for y in ys]
+        spreads = [r[m].get(spread_key) for r in rows if r.get(m) and r[m].get(key) is not None] if spread_key else []
+        if spreads and all(spreads):
+            lo = [max(y - sp["min"] * scale, 0.0) for y, sp in zip(ys, spreads)]
+            hi = [max(sp["max"] * scale - y, 0.0) for y, sp in zip(ys, spreads)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], capsize=4, linestyle=linestyle, alpha=alpha, **style)
+            single = [(x, y) for x, y, sp in zip(xs, ys, spreads) if sp["repeats"] < 2]
+            if single:
+                ax.plot([p[0] for p in single], [p[1] for p in single], linestyle="none", marker="o", markersize=12,
+                        mfc="none", color=st["color"], label=f"{st['label']}: 1 repeat (no spread)")
+        else:
+            ax.plot(xs, ys, linestyle=linestyle, alpha=alpha, **style)
+        xs_all += xs
     return xs_all
 
 
@@ -141,14 +157,15 @@ def plot_flops(rows, out: Path) -> Path:
 
 def plot_time(rows, out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for ax, key, title in ((axes[0], "train_step_s", "Training step time"),
-                           (axes[1], "prefill_s", "Prefill time (prompt + first token)"),
-                           (axes[2], "decode_per_token_s", "Decode time per generated token")):
+    for ax, key, spread, title in ((axes[0], "train_step_s", "train_step_spread", "Training step time"),
+                                   (axes[1], "prefill_s", "prefill_spread", "Prefill time (prompt + first token)"),
+                                   (axes[2], "decode_per_token_s", None, "Decode time per generated token")):
         vals = [y for m in STYLE for y in _series(rows, m, key)[1]]
         in_s = bool(vals) and max(vals) >= 1.0            # seconds when anything takes a second or more
-        xs = _plot_methods(ax, rows, key, scale=1.0 if in_s else 1e3)
+        xs = _plot_methods(ax, rows, key, scale=1.0 if in_s else 1e3, spread_key=spread)
         if xs:
-            _finish(ax, title + " (batch)", "seconds" if in_s else "milliseconds", xs)
+            _finish(ax, title + " (batch; median, bars: min-max)" if spread else title + " (batch)",
+                    "seconds" if in_s else "milliseconds", xs)
         else:
             _no_data(ax, title, "not measured")
     return _save(fig, out / "time.png", dpi=110)
@@ -167,11 +184,15 @@ def plot_memory(rows, summaries, out: Path) -> Path:
     return _save(fig, out / "memory.png", dpi=110)
 
 
-def plot_energy(rows, summaries, out: Path) -> Path:
+def plot_energy(rows, summaries, out: Path) -> Path | None:
+    """``energy.png``, or None (and no file) when no run measured GPU energy: the report says so instead."""
+    keys = ("train_energy_j", "inference_energy_j")
+    if not any(s.get(k) is not None for s in summaries for k in keys):
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     note = next((s.get("energy_note") for s in summaries if s.get("energy_note")), None) or "not measured"
-    for ax, key, title in ((axes[0], "train_energy_j", "GPU energy per training step"),
-                           (axes[1], "inference_energy_j", "GPU energy per inference batch")):
+    for ax, key, title in ((axes[0], keys[0], "GPU energy per training step"),
+                           (axes[1], keys[1], "GPU energy per inference batch")):
         xs = _plot_methods(ax, rows, key)
         if xs:
             _finish(ax, title, "joules", xs)
@@ -181,6 +202,9 @@ def plot_energy(rows, summaries, out: Path) -> Path:
 
 
 def make_plots(rows: list[dict[str, Any]], summaries: list[dict[str, Any]], out: str | Path) -> list[Path]:
+    """The PNGs written (energy.png only when some run measured energy)."""
     out = Path(out)
-    return [plot_tokens(rows, out), plot_flops(rows, out), plot_time(rows, out), plot_memory(rows, summaries, out),
-            plot_energy(rows, summaries, out)]
+    (out / "energy.png").unlink(missing_ok=True)   # a stale one from an earlier report would contradict this one
+    plots = [plot_tokens(rows, out), plot_flops(rows, out), plot_time(rows, out), plot_memory(rows, summaries, out),
+             plot_energy(rows, summaries, out)]
+    return [p for p in plots if p is not None]

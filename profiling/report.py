@@ -104,19 +104,42 @@ def summarize_run(p: dict[str, Any]) -> dict[str, Any]:
     s["inference_components"] = {k: v.get("total") for k, v in
                                  (_get(inf, "flops", "generate", "measured", "components") or {}).items()}
     s["train_step_s"] = _get(tr, "timing", "wall_s")
-    s["train_tokens_per_s"] = tr.get("tokens_per_s")
+    s["train_step_spread"] = _spread(_get(tr, "timing"))
+    # Throughput in what both methods produce alike: examples trained, tokens generated. (LLM input tokens/s
+    # rewards the long text prompt: User-LLM reads ~15x fewer tokens per example, so it "looked" 15x slower.)
+    s["train_examples_per_s"] = B / s["train_step_s"] if s["train_step_s"] else None
     s["train_peak_mem"] = _get(tr, "timing", "peak_mem_bytes") or _get(tr, "timing", "peak_rss_bytes")
     s["mem_kind"] = "GPU allocated" if _get(tr, "timing", "peak_mem_bytes") else "process RSS"
     s["train_energy_j"] = _get(tr, "timing", "energy_j")
     s["energy_note"] = _get(tr, "timing", "energy") if s["train_energy_j"] is None else None
     s["prefill_s"] = _get(inf, "timing", "prefill", "wall_s")
     s["generate_s"] = _get(inf, "timing", "generate", "wall_s")
+    s["prefill_spread"] = _spread(_get(inf, "timing", "prefill"))
+    s["generate_spread"] = _spread(_get(inf, "timing", "generate"))
     s["decode_per_token_s"] = _get(inf, "timing", "decode_per_token_s") or None
     s["inference_peak_mem"] = (_get(inf, "timing", "generate", "peak_mem_bytes")
                                or _get(inf, "timing", "generate", "peak_rss_bytes"))
     s["inference_energy_j"] = _get(inf, "timing", "generate", "energy_j")
     s["new_tokens"] = inf.get("new_tokens")
+    s["generated_tokens_per_s"] = (B * s["new_tokens"] / s["generate_s"]) if s["new_tokens"] and s["generate_s"] \
+        else None
     return s
+
+
+# A timing whose repeats spread (max - min) by more than this fraction of their median is flagged as noisy:
+# on the shared 2-core CI machine, repeats of one CPU step routinely differ by 30-100%.
+NOISY_SPREAD = 0.2
+
+
+def _spread(timing: dict | None) -> dict[str, Any] | None:
+    """{"repeats", "median", "min", "max", "noisy"} of a timing section's per-repeat wall times."""
+    if not timing or timing.get("wall_s") is None:
+        return None
+    walls = timing.get("wall_s_all") or [timing["wall_s"]]
+    med = float(timing["wall_s"])
+    lo, hi = min(walls), max(walls)
+    return {"repeats": len(walls), "median": med, "min": lo, "max": hi,
+            "noisy": len(walls) < 2 or (med > 0 and (hi - lo) / med > NOISY_SPREAD)}
 
 
 def pair_runs(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,6 +158,9 @@ def pair_runs(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     for part in ("llm", "total"):
                         key = f"{phase}_{which}_{part}"
                         row[f"reduction_{key}"] = _ratio(tp[key], ul[key])
+            row["timing_caveat"] = _caveat([ul.get(k) for k in ("train_step_spread", "generate_spread")] +
+                                           [tp.get(k) for k in ("train_step_spread", "generate_spread")],
+                                           ul.get("device"))
             row["speedup_train"] = _ratio(tp["train_step_s"], ul["train_step_s"])
             row["speedup_inference"] = _ratio(tp["generate_s"], ul["generate_s"])
             row["speedup_decode"] = _ratio(tp["decode_per_token_s"], ul["decode_per_token_s"])
@@ -145,6 +171,19 @@ def pair_runs(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                                   s[f"{phase}_analytic_total"])
         rows.append(row)
     return rows
+
+
+def _caveat(spreads: list[dict | None], device: str | None) -> str | None:
+    """Why speed figures from these timings are not to be trusted as they stand, or None."""
+    got = [sp for sp in spreads if sp]
+    if not got:
+        return None
+    if any(sp["repeats"] < 2 for sp in got):
+        return "from a single repeat"
+    if any(sp["noisy"] for sp in got):
+        where = "a noisy CPU" if (device or "cpu").startswith("cpu") else "a noisy device"
+        return f"repeats spread by more than {NOISY_SPREAD:.0%} of the median ({where})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -165,6 +204,20 @@ def _sec(v: float | None) -> str:
     if v is None:
         return "n/a"
     return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _timed(v: float | None, spread: dict | None) -> str:
+    """Median with its range and repeat count, e.g. ``12.1 ms [11.8-13.0, n=5]``; ``⚠`` when noisy."""
+    if v is None or not spread:
+        return _sec(v)
+    flag = " ⚠" if spread["noisy"] else ""
+    if spread["repeats"] < 2:
+        return f"{_sec(v)} (1 repeat){flag}"
+    return f"{_sec(v)} [{_sec(spread['min'])}-{_sec(spread['max'])}, n={spread['repeats']}]{flag}"
+
+
+def _rate(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
 
 
 def _mb(v: float | None) -> str:
@@ -229,21 +282,35 @@ def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
                      f"{_num(s['train_analytic_total'])} | {_x(s.get('train_measured_over_analytic'), 3)} | "
                      f"{_num(s['inference_measured_total'])} | {_num(s['inference_analytic_total'])} | "
                      f"{_x(s.get('inference_measured_over_analytic'), 3)} | {comp} |")
+    energy = any(s.get("train_energy_j") is not None or s.get("inference_energy_j") is not None for s in summaries)
     lines += ["", "## Time, memory and energy (measured)", "",
-              "| history | method | train step | tokens/s | prefill | decode / token | prefill + N tokens | "
-              "peak memory (train / inference) | energy (train step / inference) |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "Times are the median over the repeats, [min-max, n = repeats]; ⚠ marks a figure from one repeat "
+              "or whose repeats spread by more than "
+              f"{NOISY_SPREAD:.0%} of the median. Throughput: training examples/s and generated tokens/s "
+              "(batch x new tokens / generation time).", "",
+              "| history | method | train step | examples/s | prefill | decode / token | prefill + N tokens | "
+              "generated tokens/s | peak memory (train / inference) |" + (" energy (train step / inference) |"
+                                                                          if energy else ""),
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if energy else "")]
     for s in sorted(summaries, key=lambda s: (s["history_length"], s["method"])):
-        tps = "n/a" if s["train_tokens_per_s"] is None else f"{s['train_tokens_per_s']:.0f}"
-        lines.append(f"| {s['history_length']} | {s['method']} | {_sec(s['train_step_s'])} | {tps} | "
-                     f"{_sec(s['prefill_s'])} | {_sec(s['decode_per_token_s'])} | {_sec(s['generate_s'])} | "
-                     f"{_mb(s['train_peak_mem'])} / {_mb(s['inference_peak_mem'])} ({s['mem_kind']}) | "
-                     f"{_energy(s, 'train_energy_j')} / {_energy(s, 'inference_energy_j')} |")
+        lines.append(f"| {s['history_length']} | {s['method']} | {_timed(s['train_step_s'], s['train_step_spread'])} | "
+                     f"{_rate(s['train_examples_per_s'])} | {_timed(s['prefill_s'], s['prefill_spread'])} | "
+                     f"{_sec(s['decode_per_token_s'])} | {_timed(s['generate_s'], s['generate_spread'])} | "
+                     f"{_rate(s['generated_tokens_per_s'])} | "
+                     f"{_mb(s['train_peak_mem'])} / {_mb(s['inference_peak_mem'])} ({s['mem_kind']}) |" +
+                     (f" {_energy(s, 'train_energy_j')} / {_energy(s, 'inference_energy_j')} |" if energy else ""))
+    if not energy:
+        note = next((s["energy_note"] for s in summaries if s.get("energy_note")), "not measured")
+        lines += ["", f"Energy: {note} — no GPU energy was measured in these runs, so there is no energy plot."]
     speed = [r for r in rows if r.get("speedup_inference")]
     if speed:
-        lines += ["", "Speed-up of User-LLM over TextPrompt (wall clock): " + "; ".join(
+        lines += ["", "Speed-up of User-LLM over TextPrompt (wall clock, ratio of medians): " + "; ".join(
             f"history {r['history_length']}: training {_x(r['speedup_train'])}, inference "
-            f"{_x(r['speedup_inference'])}, decode/token {_x(r['speedup_decode'])}" for r in speed) + "."]
+            f"{_x(r['speedup_inference'])}, decode/token {_x(r['speedup_decode'])}"
+            + (f" (⚠ {r['timing_caveat']})" if r.get("timing_caveat") else "") for r in speed) + "."]
+        if any(r.get("timing_caveat") for r in speed):
+            lines.append("⚠ These speed-ups are indicative only: rerun with more repeats (`--steps`) on an idle "
+                         "machine before quoting them.")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "## Sources", ""] + [f"- `{s['path']}`" for s in summaries] + [""]

@@ -146,3 +146,45 @@ def test_recall_from_beams():
     labels = [3, 5, 1, 4]
     r = recall_from_beams(entries, labels, ks=(1, 5))
     assert r == {"recall@1": 0.25, "recall@5": 0.5}
+
+
+def test_decoding_uses_no_deprecated_transformers_api():
+    """transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40);
+    the steppers and UserLLM must use whichever name the installed version's models take."""
+    import logging
+    import warnings
+
+    from userllm.decoding import UserLLMStepper
+    from userllm.integration import UserLLM, UserLLMConfig
+    from userllm.integration.testing import ToyEncoder, tiny_llm, toy_features
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.Logger.warning_once.cache_clear()      # transformers logs each deprecation once per process
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            llm = tiny_llm("llama")
+            ids, mask = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
+            stepper = HFStepper(llm)
+            logits, state = stepper.prefill(ids, mask)
+            stepper(logits.argmax(-1, keepdim=True), state, torch.tensor([1, 0]))
+            feats, lens = toy_features([3, 1])
+            for integration in ("xattn", "softprompt"):
+                model = UserLLM(tiny_llm("llama"), ToyEncoder([20, 5]), UserLLMConfig(integration=integration)).eval()
+                ustep = UserLLMStepper(model)
+                logits, state = ustep.prefill(ids, mask, feats, lens)
+                ustep(logits.argmax(-1, keepdim=True), state, torch.tensor([1, 0]))
+                model.generate(ids, attention_mask=mask, features=feats, lengths=lens, max_new_tokens=2,
+                               do_sample=False, pad_token_id=0)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    messages = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    messages += records
+    assert not [m for m in messages if "deprecat" in m.lower()], messages

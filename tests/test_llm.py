@@ -95,3 +95,37 @@ def test_sized_default_llm_layouts():
     assert 100e6 < sum(p.numel() for p in model.parameters()) < 110e6
     with pytest.raises(ValueError, match="head size 64"):
         DefaultLLMConfig.sized(544, 2)
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate", "delete"])
+def test_damaged_tokenizer_cache_entry_is_rebuilt(tmp_path, damage):
+    _, good = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=None)
+    (path,) = tmp_path.glob("tokenizer-*/tokenizer.json")
+    if damage == "garble":
+        path.write_text("{not json")
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.unlink()
+    logs: list[str] = []
+    _, healed = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=logs.append)
+    assert any("is unusable" in line for line in logs) and healed.get_vocab() == good.get_vocab()
+    logs.clear()
+    _, again = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=logs.append)
+    assert logs == [] and again.get_vocab() == good.get_vocab()
+
+
+def test_checkpoint_saved_in_bf16_loads_in_float32(tmp_path):
+    """Hub checkpoints are mostly bf16; training keeps float32 weights (``-h``: CPU runs float32)."""
+    model, tok = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=None)
+    d = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(d)
+    tok.save_pretrained(d)
+    loaded, _ = load_llm(d)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    save_llm_spec(tmp_path / "spec", loaded, tok)
+    rebuilt, _ = load_llm_spec(tmp_path / "spec")
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.float32}
+    ids = torch.tensor([[1, 5, 9]])
+    model.float()   # the bf16-rounded weights, exactly representable in float32
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

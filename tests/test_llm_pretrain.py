@@ -129,3 +129,32 @@ def test_enc_run_on_the_pretrained_default_llm_trains_only_outside_it(tmp_path, 
         assert torch.equal(v.cpu(), seen["llm_before"][k]), k
         if k in cached:
             assert torch.equal(v.cpu(), cached[k]), k
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_llm_cache_entry_is_rebuilt(tmp_path, damage):
+    """A truncated or altered model.safetensors is reported and re-pretrained to exactly the weights an
+    empty cache gives; the next run uses the healed entry."""
+    recipe = LMPretrainConfig(steps=3, **RECIPE)
+
+    def run(log):
+        model, tok = load_llm(None, texts=TEXTS, cache_dir=tmp_path, default_config=SMALL, log=None)
+        cached_pretrained_llm(model, tok, TEXTS, tmp_path, recipe, model_config=SMALL, log=log)
+        return model
+
+    good = run(None)
+    (entry,) = tmp_path.glob("llm-*")
+    weights = entry / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])
+    logs: list[str] = []
+    healed = run(logs.append)
+    assert any("is unusable" in line and "rebuilding" in line for line in logs), logs
+    for k, v in good.state_dict().items():
+        assert torch.equal(v, healed.state_dict()[k]), k
+    logs.clear()
+    run(logs.append)
+    assert any("pretrained weights from" in line for line in logs) and not any("unusable" in x for x in logs)

@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .utils.hf import cache_kwargs, new_cache, output_cache, step_mask
+
 StepFn = Callable[[torch.Tensor, Any, torch.Tensor], tuple[torch.Tensor, Any]]
 
 
@@ -237,13 +239,10 @@ class HFStepper:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, HFState]:
         """input_ids, attention_mask: [B, P] left-padded. Returns (logits [B, V], state)."""
-        from transformers import DynamicCache
-
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True)
-        return out.logits[:, -1], HFState(out.past_key_values, attention_mask.long(), positions[:, -1] + 1)
+                         use_cache=True, **cache_kwargs(self.model, new_cache(self.model)))
+        return out.logits[:, -1], HFState(output_cache(out), attention_mask.long(), positions[:, -1] + 1)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, past: HFState, beam_idx: torch.Tensor):
@@ -253,9 +252,9 @@ class HFStepper:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], input_ids.shape[1])], dim=1)
         pos = past.next_position.index_select(0, beam_idx)
         position_ids = pos[:, None] + torch.arange(input_ids.shape[1], device=pos.device)[None]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        return out.logits[:, -1], HFState(out.past_key_values, mask, position_ids[:, -1] + 1)
+        out = self.model(input_ids=input_ids, attention_mask=step_mask(cache, mask), position_ids=position_ids,
+                         use_cache=True, **cache_kwargs(self.model, cache))
+        return out.logits[:, -1], HFState(output_cache(out), mask, position_ids[:, -1] + 1)
 
 
 class UserLLMStepper:
@@ -275,17 +274,15 @@ class UserLLMStepper:
         kwargs = {} if self.softprompt else {"position_ids": positions}
         out = self.model(input_ids=input_ids, attention_mask=text_mask, user_context=ctx, past_key_values=cache,
                          use_cache=True, **kwargs)
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], output_cache(out)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor],
                 lengths: torch.Tensor) -> tuple[torch.Tensor, HFState]:
         """input_ids/attention_mask: [B, P] left padded; features/lengths: the encoder input of the B rows."""
-        from transformers import DynamicCache
-
         ctx = self.model.prepare_user_context(features, lengths)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        logits, cache = self._run(input_ids, attention_mask, positions, DynamicCache(), ctx)
+        logits, cache = self._run(input_ids, attention_mask, positions, new_cache(self.model.llm), ctx)
         return logits, HFState(cache, attention_mask.long(), positions[:, -1] + 1, ctx)
 
     @torch.no_grad()

@@ -32,8 +32,10 @@ import torch
 
 from .errors import UserError
 from .utils.atomic import atomic_directory
+from .utils.cache import read_manifest, write_manifest
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+MODEL_DTYPE = torch.float32  # weights of every LLM loaded here, whatever the checkpoint's dtype (see load_llm)
 TOKENIZER_VERSION = 1  # bump when the training recipe below changes, to invalidate caches
 LM_PRETRAIN_VERSION = 1  # bump when the LM pretraining recipe (LMPretrainConfig or the loop) changes
 
@@ -107,20 +109,45 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> "PreTrained
     return _wrap_fast(tok)
 
 
-def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike | None, vocab_size: int = 2048):
-    """Train (or reuse) the default tokenizer; cached under ``cache_dir/tokenizer-<hash of corpus>``."""
+def _unusable(entry: Path, exc: Exception, log: Callable[[str], None] | None) -> None:
+    if log:
+        log(f"cache entry {entry} is unusable ({type(exc).__name__}: {exc}); rebuilding it")
+
+
+def _seal(entry: Path, write: Callable[[Path], None], log: Callable[[str], None] | None) -> None:
+    """Write a cache entry atomically and seal it with its manifest; an unwritable cache costs a rebuild
+    next time, not this run."""
+    try:
+        with atomic_directory(entry) as tmp:
+            write(tmp)
+            write_manifest(tmp, kind=entry.name.split("-", 1)[0])
+    except OSError as exc:
+        if log:
+            log(f"could not write the cache entry {entry} ({exc})")
+
+
+def cached_tokenizer(texts: Sequence[str], cache_dir: str | os.PathLike | None, vocab_size: int = 2048,
+                     log: Callable[[str], None] | None = print):
+    """Train (or reuse) the default tokenizer; cached under ``cache_dir/tokenizer-<hash of corpus>``.
+
+    The entry is verified against its manifest (:mod:`userllm.utils.cache`) before use; a damaged one is
+    reported through ``log`` and retrained.
+    """
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
     if cache_dir is None:
         return train_tokenizer(texts, vocab_size)
     entry = Path(cache_dir) / f"tokenizer-{_tokenizer_key(texts, vocab_size)}"
-    if (entry / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(entry / "tokenizer.json"), pad_token=PAD, bos_token=BOS,
-                                       eos_token=EOS, unk_token=UNK, padding_side="right")
+    if entry.exists():
+        try:
+            read_manifest(entry, required=("tokenizer.json",))
+            return PreTrainedTokenizerFast(tokenizer_file=str(entry / "tokenizer.json"), pad_token=PAD,
+                                           bos_token=BOS, eos_token=EOS, unk_token=UNK, padding_side="right")
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+            _unusable(entry, exc, log)
     tok = train_tokenizer(texts, vocab_size)
-    with atomic_directory(entry) as tmp:
-        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    _seal(entry, lambda tmp: tok.backend_tokenizer.save(str(tmp / "tokenizer.json")), log)
     return tok
 
 
@@ -255,18 +282,30 @@ def cached_pretrained_llm(model, tok, texts: Sequence[str], cache_dir: str | os.
     if cache_dir is None:
         return pretrain_default_llm(model, tok, texts, config, log) | {"cached": False}
     entry = Path(cache_dir) / f"llm-{_pretrained_key(texts, tok, model_config, config, vocab)}"
-    if (entry / "model.safetensors").is_file() and (entry / "pretrain.json").is_file():
-        # load_model handles the tied input/output embeddings (stored once); strict: every weight is there.
-        load_model(model, str(entry / "model.safetensors"), strict=True)
-        info = json.loads((entry / "pretrain.json").read_text())
-        if log:
-            log(f"default LLM: pretrained weights from {entry} ({info['steps']} steps, final loss "
-                f"{info['final_loss']:.3f})")
-        return info | {"cached": True}
+    if entry.exists():
+        # A load that fails halfway must not leave the seeded initial weights half overwritten: the rebuild
+        # pretrains from exactly the weights an empty cache would have.
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            read_manifest(entry, required=("model.safetensors", "pretrain.json"))
+            info = json.loads((entry / "pretrain.json").read_text())
+            # load_model handles the tied input/output embeddings (stored once); strict: every weight is there.
+            load_model(model, str(entry / "model.safetensors"), strict=True)
+            if log:
+                log(f"default LLM: pretrained weights from {entry} ({info['steps']} steps, final loss "
+                    f"{info['final_loss']:.3f})")
+            return info | {"cached": True}
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+            model.load_state_dict(initial)
+            _unusable(entry, exc, log)
+        del initial
     info = pretrain_default_llm(model, tok, texts, config, log)
-    with atomic_directory(entry) as tmp:
+
+    def write(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "pretrain.json").write_text(json.dumps(info | {"recipe": asdict(config)}, indent=2) + "\n")
+
+    _seal(entry, write, log)
     return info | {"cached": False}
 
 
@@ -303,6 +342,8 @@ def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | No
     cache_dir: where the default tokenizer (and pretrained default weights) are cached (beside the data).
     pretrain_steps: default LLM only: causal-LM pretraining steps on ``texts`` (0 = random init);
           see :func:`cached_pretrained_llm`. Ignored with ``path``.
+    torch_dtype: weight dtype of a ``path`` model (default float32 whatever dtype it was saved in: training
+          keeps float32 weights and optimizer states; bf16 is GPU autocast, ``--bf16``).
     log: where the default LLM's pretraining reports (None = silent).
     Raises :class:`UserError` naming the path when it is missing, not a causal LM, or has no tokenizer.
     """
@@ -311,7 +352,7 @@ def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | No
             raise ValueError("load_llm(None) builds the default LLM and needs the corpus `texts` for its tokenizer")
         cfg = default_config or DefaultLLMConfig()
         texts = list(texts)
-        tok = cached_tokenizer(texts, cache_dir, cfg.vocab_size)
+        tok = cached_tokenizer(texts, cache_dir, cfg.vocab_size, log=log)
         model = build_default_llm(len(tok), cfg, seed)
         model.config.pad_token_id, model.config.bos_token_id = tok.pad_token_id, tok.bos_token_id
         model.config.eos_token_id = tok.eos_token_id
@@ -329,8 +370,9 @@ def load_llm(path: str | os.PathLike | None = None, *, texts: Iterable[str] | No
     except Exception as exc:  # noqa: BLE001 - any failure here is a problem with the user's directory
         raise UserError(f"--llm {p}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
-                                                     **({"dtype": torch_dtype} if torch_dtype else {}))
+        # Hub checkpoints are mostly saved in bf16, and transformers 5 loads a checkpoint in its saved dtype;
+        # training keeps float32 weights (and Adam states) everywhere, bf16 comes from autocast on GPU only.
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch_dtype or MODEL_DTYPE)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"--llm {p}: cannot load a causal LM ({type(exc).__name__}: {exc})") from None
     _check_special_tokens(tok)
@@ -362,7 +404,7 @@ def load_llm_spec(src_dir: str | os.PathLike):
     cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=MODEL_DTYPE)   # as load_llm: float32 weights
     _check_special_tokens(tok)
     return model, tok
 

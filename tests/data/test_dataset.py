@@ -224,16 +224,18 @@ def test_file_dataset_cached_by_mtime(tmp_path, fake_reader):
 
 
 def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
-    real = dmod._sha256
+    import userllm.utils.cache as cache_mod
+
+    real = cache_mod.sha256_file
 
     def crash(path):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(dmod, "_sha256", crash)
+    monkeypatch.setattr(cache_mod, "sha256_file", crash)
     with pytest.raises(KeyboardInterrupt):
         load_dataset("synthetic", cache_dir=tmp_path, synthetic=TINY)
     assert _entries(tmp_path) == []  # neither the entry nor its temporary directory
-    monkeypatch.setattr(dmod, "_sha256", real)
+    monkeypatch.setattr(cache_mod, "sha256_file", real)
     ds = load_dataset("synthetic", cache_dir=tmp_path, synthetic=TINY)
     assert not ds.from_cache
     assert load_dataset("synthetic", cache_dir=tmp_path, synthetic=TINY).from_cache

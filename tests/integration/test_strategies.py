@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from userllm.integration import UserLLM, UserLLMConfig, apply_strategy, find_decoder_layers, parameter_groups
 from userllm.integration.strategies import lora_target_modules
-from userllm.integration.testing import ToyEncoder, single_thread, tiny_llm, toy_features
+from userllm.integration.testing import ToyEncoder, sgd_steps, single_thread, tiny_llm, toy_features
 
 # group -> trains? ("llm.lora" = the LoRA adapters inside the LLM)
 EXPECTED = {
@@ -83,11 +83,7 @@ def test_lora_training_moves_only_adapters_and_user_side(family, integration):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     feats, lens = toy_features([4, 2])
     ids = torch.randint(3, 96, (2, 5))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):
-        opt.zero_grad()
-        model(ids, features=feats, lengths=lens, labels=ids).loss.backward()
-        opt.step()
+    sgd_steps(model, ids, feats, lens, steps=3)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(group_of(n) != "llm" for n in moved)
     assert any(group_of(n) == "llm.lora" for n in moved) and any(group_of(n) == "encoder" for n in moved)

@@ -33,9 +33,13 @@ def compare_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_compare_writes_markdown_json_and_pngs(compare_dir):
-    for name in ("report.md", "report.json", "tokens.png", "flops.png", "time.png", "memory.png", "energy.png"):
+    for name in ("report.md", "report.json", "tokens.png", "flops.png", "time.png", "memory.png"):
         path = compare_dir / name
         assert path.is_file() and path.stat().st_size > 0, name
+    # energy.png only when energy was measured (two empty panels otherwise): the report says "no GPU"
+    measured = [s[k] for r in json.loads((compare_dir / "report.json").read_text())["runs"] for s in [r]
+                for k in ("train_energy_j", "inference_energy_j") if s[k] is not None]
+    assert (compare_dir / "energy.png").is_file() == bool(measured)
     assert (compare_dir / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (compare_dir / "report.md").read_text()
     assert "Table 3" in md and "| 4 |" in md and "| 8 |" in md
@@ -60,6 +64,15 @@ def test_compare_writes_markdown_json_and_pngs(compare_dir):
     if not torch.cuda.is_available():
         assert ul["train_energy_j"] is None and "no NVIDIA GPU" in md
     assert ul["train_step_s"] > 0 and ul["prefill_s"] > 0
+    # throughput in examples/s and generated tokens/s, not LLM input tokens/s; medians with their spread
+    assert "examples/s" in md and "generated tokens/s" in md and "| tokens/s |" not in md
+    B = ul["batch"]
+    assert ul["train_examples_per_s"] == pytest.approx(B / ul["train_step_s"])
+    assert ul["generated_tokens_per_s"] == pytest.approx(B * ul["new_tokens"] / ul["generate_s"])
+    sp = ul["train_step_spread"]
+    assert sp["min"] <= sp["median"] <= sp["max"] and sp["repeats"] >= 1
+    # --steps 1: every timing is a single repeat, and the report says so beside the speed-ups
+    assert sp["repeats"] == 1 and "(1 repeat)" in md and "⚠ from a single repeat" in md
 
 
 @pytest.mark.slow

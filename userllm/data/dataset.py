@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import DataError, UserError
 from ..utils.atomic import atomic_directory
+from ..utils.cache import read_manifest, write_manifest
 from .events import EventTable, ItemCatalog
 from .synthetic import SyntheticConfig, generate_synthetic
 from .vocab import PAD_ID, Vocabulary, rating_vocabulary
@@ -347,11 +348,6 @@ def cache_key(name: str, options: dict, files: list[Path]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _compact(a: np.ndarray) -> np.ndarray:
     """Smallest signed integer dtype that holds ``a`` (the cache stores ids compactly; loads give int64)."""
     if a.size == 0:
@@ -387,30 +383,17 @@ def _write_entry(dest: Path, key: str, ds: ProcessedDataset, item_to_vocab: np.n
             table = pa.table({c: pa.array(v, type=pa.large_string()) for c, v in cols.items()})
             with pa.OSFile(str(tmp / "reviews.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                 w.write_table(table)
-        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-        manifest = {"key": key, "format": FORMAT_VERSION, "name": ds.name, "source": ds.source,
-                    "options": ds.options, "num_events": len(ev), "num_users": ds.num_users,
-                    "columns": sorted(cols), "meta": ev.meta, "files": files}
-        with open(tmp / "manifest.json", "w") as fh:
-            fh.write(json.dumps(manifest, sort_keys=True, default=str))
-            fh.flush()
-            os.fsync(fh.fileno())
-        for f in tmp.iterdir():  # the data must be on disk before the rename publishes the entry
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        write_manifest(tmp, key=key, format=FORMAT_VERSION, name=ds.name, source=ds.source, options=ds.options,
+                       num_events=len(ev), num_users=ds.num_users, columns=sorted(cols), meta=ev.meta)
 
 
 def _read_entry(entry: Path, key: str) -> ProcessedDataset:
     """Load and validate a cache entry; any problem raises (the caller rebuilds)."""
     import pyarrow as pa
 
-    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest = read_manifest(entry)
     if manifest.get("key") != key or manifest.get("format") != FORMAT_VERSION:
         raise ValueError("cache key or format mismatch")
-    for fname, info in manifest["files"].items():
-        f = entry / fname
-        if f.stat().st_size != info["size"] or _sha256(f) != info["sha256"]:
-            raise ValueError(f"cache file {fname} does not match its manifest")
     a = {k: np.load(entry / f"{k}.npy", allow_pickle=False)
          for k in ("user", "item", "timestamp", "rating", "offsets", "rating_ids", "user_ids", "item_raw_ids",
                    "item_to_vocab", "item_cat_table")}

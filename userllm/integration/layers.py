@@ -126,22 +126,26 @@ def llm_num_heads(llm: nn.Module) -> int | None:
 def find_decoder_layers(llm: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` holding the LLM's decoder blocks, found by structure, and its module path.
 
-    Candidates are module lists of one block type with parameters. A list whose length equals the config's
-    ``num_hidden_layers`` wins; otherwise the outermost (not nested in another candidate, which rules out
-    e.g. the experts of an MoE block), then the longest. Works for ``model.layers`` (Llama, Qwen2,
-    Mistral, Gemma), ``transformer.h`` (GPT-2), ``gpt_neox.layers`` (GPT-NeoX) without naming them.
+    Candidates are module lists whose entries all have parameters: of one block type, or of several when
+    the list is exactly the config's ``num_hidden_layers`` long (hybrid models such as Jamba interleave
+    attention and Mamba blocks in one list). A list whose length equals ``num_hidden_layers`` wins;
+    otherwise the outermost (not nested in another candidate, which rules out e.g. the experts of an MoE
+    block), then the longest. Works for ``model.layers`` (Llama, Qwen2, Mistral, Gemma, Mixtral, Jamba),
+    ``transformer.h`` (GPT-2), ``gpt_neox.layers`` (GPT-NeoX), ``backbone.layers`` (Mamba) without naming them.
     """
+    config = text_config(llm)
+    n_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
     candidates: list[tuple[str, nn.ModuleList]] = []
     for name, module in llm.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(m) for m in module}) != 1 or not any(True for _ in module[0].parameters()):
+        if not all(any(True for _ in m.parameters()) for m in module):
+            continue
+        if len({type(m) for m in module}) != 1 and len(module) != n_layers:
             continue
         candidates.append((name, module))
     if not candidates:
         raise ValueError(f"could not find the decoder layers of {type(llm).__name__}: no ModuleList of blocks")
-    config = text_config(llm)
-    n_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
     names = [n for n, _ in candidates]
 
     def nested(name: str) -> bool:

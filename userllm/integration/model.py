@@ -5,6 +5,9 @@
     xattn:      gated cross-attention blocks before every k-th decoder layer read per-layer user K/V
     softprompt: [user states ; task prompt ; text] fed as ``inputs_embeds``
 
+``d_llm`` is the width where the user tokens enter: the residual stream (``hidden_size``) for
+cross-attention, the input-embedding width for the soft prompt (the two differ in OPT-350m).
+
 The user side of a request is computed once (:meth:`UserLLM.prepare_user_context`): for cross-attention
 that includes each block's K/V projection, which every decoding step then reuses.
 """
@@ -17,6 +20,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from userllm.utils.hf import cache_kwargs, cached_tokens, is_empty, step_mask
 
 from .cross_attention import CrossAttentionHook, GatedCrossAttentionBlock, attach_cross_attention
 from .layers import (UserContext, UserProjection, find_decoder_layers, lengths_from_mask, llm_hidden_size,
@@ -107,6 +112,13 @@ class _WithPrompt(LogitsProcessor):
         return self.processor(torch.cat([prompt.to(input_ids.device), input_ids], dim=1), scores)
 
 
+def _heads_for(width: int, llm_heads: int | None) -> int:
+    """Default attention heads at ``width``: the LLM's head count when it divides the width, else heads of 64."""
+    if llm_heads and width % llm_heads == 0:
+        return llm_heads
+    return max(1, width // 64) if width % 64 == 0 else 1
+
+
 def _checkpointing(llm: nn.Module) -> bool:
     """Whether HF gradient (activation) checkpointing is on (the property's name changed in 5.x)."""
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
@@ -136,8 +148,12 @@ class UserLLM(nn.Module):
         d_enc = encoder_dim if encoder_dim is not None else getattr(encoder, "output_dim", None)
         if not isinstance(d_enc, int):
             raise ValueError("UserLLM needs the encoder width: give `encoder_dim` or an encoder with `output_dim`")
-        d_llm = self.d_llm = llm_hidden_size(llm)
-        default_heads = llm_num_heads(llm) or max(1, d_llm // 64)
+        # User tokens live where they enter the LLM: cross-attention adds to the residual stream (hidden_size);
+        # a soft prompt is fed as inputs_embeds, whose width differs when the LLM projects its embeddings
+        # (OPT-350m: word_embed_proj_dim 512, hidden_size 1024).
+        d_res = llm_hidden_size(llm)
+        d_llm = self.d_llm = d_res if config.integration == "xattn" else llm.get_input_embeddings().embedding_dim
+        default_heads = _heads_for(d_llm, llm_num_heads(llm))
         self.projection = UserProjection(d_enc, d_llm, config.dropout)
         self.perceiver = None
         if config.perceiver_latents > 0:
@@ -170,6 +186,27 @@ class UserLLM(nn.Module):
         else:
             std = float(llm.get_input_embeddings().weight.detach().float().std())
             self.soft_prompt = SoftPrompt(d_llm, config.task_prompt_len, init_std=std)
+
+    # ------------------------------------------------------------------------------ train / eval
+    def train(self, mode: bool = True) -> "UserLLM":
+        """Like ``nn.Module.train``, but a fully frozen ``llm`` or ``encoder`` (no parameter requiring grad:
+        strategies ``enc``/``proj``, a fixed encoder) stays in eval mode: its dropout is off and it computes
+        what it computes at inference. Decided at each call, from ``requires_grad`` as set then.
+
+        The one exception is activation checkpointing: HF checkpoints a decoder layer only while the layer
+        itself is in training mode, so a checkpointing layer keeps ``training`` (its own flag only; its
+        attention and MLP submodules, where the dropout is, are in eval mode)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        super().train(mode)
+        if mode:
+            for module in (self.llm, self.encoder):
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+                    for m in module.modules():
+                        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                            m.training = True
+        return self
 
     # ----------------------------------------------------------------------------------- user side
     def encode_users(self, features: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,9 +295,9 @@ class UserLLM(nn.Module):
                                             inputs_embeds, llm_kwargs)
         keep = self.training and _checkpointing(self.llm)
         with self.use_user_context(ctx, keep=keep):
-            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                            past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
-                            **llm_kwargs)
+            return self.llm(input_ids=input_ids, attention_mask=step_mask(past_key_values, attention_mask),
+                            labels=labels, use_cache=use_cache,
+                            inputs_embeds=inputs_embeds, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
 
     def _prefix(self, ctx: UserContext | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx is not None and ctx.batch_size != batch:
@@ -281,7 +318,13 @@ class UserLLM(nn.Module):
         B, T = embeds.shape[:2]
         if ctx is not None and ctx.batch_size != B:
             raise ValueError(f"user context has {ctx.batch_size} rows but the text batch has {B}")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = 0 if past_key_values is None else cached_tokens(past_key_values)
+        if past is None:  # a recurrent state (Mamba) counts no tokens: the text mask says how many came before
+            if attention_mask is None:
+                raise ValueError(f"{type(self.llm).__name__} keeps a recurrent state, not tokens: decoding with "
+                                 "its cache needs the attention_mask of the past and new text tokens")
+            past = 0 if is_empty(past_key_values) else (
+                (0 if ctx is None else ctx.states.shape[1]) + self.config.task_prompt_len + attention_mask.shape[1] - T)
         if past == 0:
             prefix, prefix_mask = self._prefix(ctx, B)
             S = prefix.shape[1]
@@ -298,8 +341,9 @@ class UserLLM(nn.Module):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} text tokens; expected "
                                  f"{past - S + T} (cache {past} incl. a {S}-token prefix, plus {T} new)")
             position_ids = position_ids_from_mask(mask)[:, -T:]
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, labels=labels,
-                       past_key_values=past_key_values, use_cache=use_cache, **llm_kwargs)
+        out = self.llm(inputs_embeds=embeds, attention_mask=step_mask(past_key_values, mask), position_ids=position_ids,
+                       labels=labels,
+                       use_cache=use_cache, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
         if past == 0 and getattr(out, "logits", None) is not None and out.logits.shape[1] == S + T:
             out.logits = out.logits[:, S:]
         return out

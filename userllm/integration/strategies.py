@@ -2,7 +2,8 @@
 :class:`~userllm.integration.baseline.TextPromptModel`, which has only ``llm``: full or lora) train.
 
     full : everything (LLM, encoder, projection/integration layers)
-    lora : LoRA adapters on the LLM's decoder-layer linear maps + encoder + projection/integration;
+    lora : LoRA adapters on the LLM's decoder-layer linear maps (and fused MoE expert weights) + encoder +
+           projection/integration;
            the base LLM weights are frozen
     enc  : LLM frozen; encoder + projection/integration train
     proj : only the projection/integration layers train (projection, Perceiver, xattn blocks, soft prompt)
@@ -37,24 +38,83 @@ def pretraining_only(name: str, encoder: nn.Module) -> bool:
     return name.split(".", 1)[0] in getattr(encoder, "pretraining_only", PRETRAINING_ONLY)
 
 
+def _fused_kernel_maps(layer: nn.Module) -> set[str]:
+    """Names (within ``layer``) of the ``out_proj`` of Mamba-style mixers (a module with an ``nn.Conv1d``
+    child): their fused scan kernel reads ``out_proj.weight`` directly, bypassing a LoRA wrapper, which is
+    why peft refuses them for Mamba models (``peft.tuners.tuners_utils``)."""
+    out = set()
+    for name, module in layer.named_modules():
+        children = dict(module.named_children())
+        if "out_proj" in children and any(isinstance(c, nn.Conv1d) for c in children.values()):
+            out.add(f"{name}.out_proj" if name else "out_proj")
+    return out
+
+
+def _decoder_names(llm: nn.Module):
+    """(layer index, name inside the layer, module) for every submodule of the decoder layers, and a
+    function giving a name's full path; peft's ``base_layer`` wrappers are named as the layer they wrap."""
+    path, layers = find_decoder_layers(llm)
+
+    def full(i: int, name: str) -> str:
+        name = name.replace(".base_layer", "")
+        return f"{path}.{i}.{name}" if path else f"{i}.{name}"
+
+    return layers, full
+
+
+def _is_adapter(name: str) -> bool:
+    return any(q.startswith("lora_") for q in name.split("."))
+
+
 def lora_target_modules(llm: nn.Module) -> tuple[list[str], bool]:
     """Full names of the ``nn.Linear`` / GPT-2 ``Conv1D`` maps inside the decoder layers (attention and MLP),
     found by structure, and whether they are Conv1D (peft then needs ``fan_in_fan_out``). Layers already
-    wrapped by LoRA are reported under their own name, the adapters' internals are skipped."""
-    path, layers = find_decoder_layers(llm)
+    wrapped by LoRA are reported under their own name, the adapters' internals are skipped, and so is the
+    ``out_proj`` of Mamba mixers (:func:`_fused_kernel_maps`)."""
+    layers, full = _decoder_names(llm)
     names, conv1d = [], False
     for i, layer in enumerate(layers):
+        skip = _fused_kernel_maps(layer)
         for name, module in layer.named_modules():
-            parts = name.split(".")
-            if not name or not isinstance(module, (nn.Linear, Conv1D)) or any(q.startswith("lora_") for q in parts):
+            if not name or not isinstance(module, (nn.Linear, Conv1D)) or _is_adapter(name):
                 continue
-            if parts[-1] == "base_layer":            # already wrapped by peft: name the wrapped layer
+            if name.endswith(".base_layer"):
                 name = name[: -len(".base_layer")]
-            names.append(f"{path}.{i}.{name}" if path else f"{i}.{name}")
+            if name in skip:
+                continue
+            names.append(full(i, name))
             conv1d |= isinstance(module, Conv1D)
     if not names:
         raise ValueError(f"no linear layers found in the decoder layers of {type(llm).__name__}")
     return names, conv1d
+
+
+def lora_target_parameters(llm: nn.Module) -> list[str]:
+    """Full names of the fused expert weights of transformers-5 MoE blocks inside the decoder layers: 3-D
+    parameters [experts, out, in] (Mixtral, Qwen2-MoE, Jamba: ``experts.gate_up_proj``, ``experts.down_proj``),
+    which no ``nn.Linear`` holds; peft adapts them per expert as ``target_parameters``."""
+    layers, full = _decoder_names(llm)
+    out = []
+    for i, layer in enumerate(layers):
+        for name, p in layer.named_parameters():
+            owner = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            # a Conv1d kernel is 3-D too (Mamba's depthwise conv); not an expert bank
+            if p.ndim == 3 and not _is_adapter(name) and not isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                out.append(full(i, name))
+    return out
+
+
+def inject_lora(llm: nn.Module, r: int, alpha: int, dropout: float) -> None:
+    """Inject LoRA adapters (rank ``r``, ``dropout`` on their input; none when the model has fused experts)
+    into ``llm`` in place: every decoder-layer linear map and fused expert weight (:func:`lora_target_modules`,
+    :func:`lora_target_parameters`); module tree otherwise unchanged."""
+    targets, conv1d = lora_target_modules(llm)
+    experts = lora_target_parameters(llm)
+    # peft's parameter adapters (ParamWrapper) refuse dropout and LoraConfig has one rate for all adapters:
+    # a model with fused experts trains its LoRA without dropout.
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0 if experts else dropout, target_modules=targets,
+                        target_parameters=experts or None, fan_in_fan_out=conv1d, bias="none")
+    inject_adapter_in_model(config, llm)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -72,10 +132,7 @@ def apply_strategy(model: nn.Module, strategy: str, lora_r: int = 8, lora_alpha:
     if encoder is None and strategy not in ("full", "lora"):
         raise ValueError(f"strategy {strategy!r} trains the user side, which {type(model).__name__} does not have")
     if strategy == "lora" and not has_lora(model):
-        targets, conv1d = lora_target_modules(model.llm)
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                            fan_in_fan_out=conv1d, bias="none")
-        inject_adapter_in_model(config, model.llm)
+        inject_lora(model.llm, lora_r, lora_alpha, lora_dropout)
     train_llm = strategy == "full"
     train_encoder = strategy in ("full", "lora", "enc")
     for name, p in model.llm.named_parameters():

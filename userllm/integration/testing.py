@@ -10,6 +10,10 @@ import torch
 from torch import nn
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox")
+# Layouts that once broke a generic assumption: OPT with projected embeddings (opt-350m: the input-embedding
+# width differs from the residual width), Mamba (recurrent cache, no attention), Jamba (attention and Mamba
+# blocks in one layer list, MoE), Mixtral and Qwen2-MoE (experts fused in 3-D parameters in transformers 5).
+EDGE_FAMILIES = ("opt", "mamba", "jamba", "mixtral", "qwen2_moe")
 
 
 def tiny_llm(family: str = "llama", vocab_size: int = 96, hidden: int = 32, layers: int = 2, heads: int = 4,
@@ -29,8 +33,30 @@ def tiny_llm(family: str = "llama", vocab_size: int = 96, hidden: int = 32, laye
     elif family == "gpt_neox":
         config = tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, max_position_embeddings=128, **common, **overrides)
+    elif family == "opt":
+        config = tf.OPTConfig(hidden_size=hidden, word_embed_proj_dim=hidden // 2, ffn_dim=2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=128,
+                              **common, **overrides)
+    elif family == "mamba":
+        config = tf.MambaConfig(hidden_size=hidden, state_size=4, num_hidden_layers=layers, expand=2, conv_kernel=4,
+                                **common, **overrides)
+    elif family == "jamba":   # layer 1 (of every 2) attention, the others Mamba; MoE on odd layers
+        config = tf.JambaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=kv_heads, attn_layer_period=2,
+                                attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+                                num_experts_per_tok=1, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
+                                **common, **overrides)
+    elif family == "mixtral":
+        config = tf.MixtralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=2,
+                                  num_experts_per_tok=1, max_position_embeddings=128, **common, **overrides)
+    elif family == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                                   shared_expert_intermediate_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts=2,
+                                   num_experts_per_tok=1, max_position_embeddings=128, **common, **overrides)
     else:
-        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES + EDGE_FAMILIES}")
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return tf.AutoModelForCausalLM.from_config(config).eval()
@@ -68,6 +94,16 @@ def toy_features(lengths: list[int], max_len: int | None = None, vocab_sizes: tu
     pad = torch.arange(L)[None, :] >= lens[:, None]
     feats = [torch.randint(0, v, (len(lengths), L), generator=g).masked_fill(pad, -1) for v in vocab_sizes]
     return feats, lens
+
+
+def sgd_steps(model: nn.Module, ids: torch.Tensor, features: list[torch.Tensor], lengths: torch.Tensor,
+              steps: int, lr: float = 0.5) -> None:
+    """``steps`` plain SGD steps of a UserLLM on the LM loss of ``ids`` [B, T] (labels = inputs)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(ids, features=features, lengths=lengths, labels=ids).loss.backward()
+        opt.step()
 
 
 def open_gates(model: nn.Module, value: float = 1.0) -> None:

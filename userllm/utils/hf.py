@@ -1,0 +1,88 @@
+"""Hugging Face transformers differences across the supported versions (5.17 .. 5.24), in one place.
+
+The decoding cache: up to 5.17 a causal LM's ``forward`` takes it as ``past_key_values`` (Mamba-style
+recurrent models: ``cache_params``) and returns it under that name; later 5.x releases renamed both to
+``cache`` and keep the old names as deprecated aliases (a ``FutureWarning`` on every call, removed in
+5.40). The name is read from the model's own ``forward`` signature, so the same code drives any
+version and any model family, including remote-code models that still use the old names.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+
+# Current name first: a forward that takes several (none known today) gets the current one.
+CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_cache_name(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters  # follows the @deprecate_kwarg wrapper's __wrapped__
+    return next((name for name in CACHE_NAMES if name in params), "past_key_values")
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its decoding cache (see the module docstring)."""
+    return _forward_cache_name(type(model))
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` to pass to ``model(...)``, or ``{}`` when ``cache`` is None."""
+    return {} if cache is None else {cache_kwarg(model): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache an HF model output carries (``cache`` / ``past_key_values`` / ``cache_params``), or None.
+
+    Read by key, not attribute: the old attribute names are deprecated properties that warn on access.
+    """
+    for name in CACHE_NAMES:
+        value = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def new_cache(model: nn.Module):
+    """An empty ``DynamicCache`` laid out for ``model``: built from its (text) config, so recurrent and
+    hybrid models (Mamba, Jamba) get their state layers, not attention-only ones."""
+    from transformers import DynamicCache
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return DynamicCache(config=config)
+
+
+def cached_tokens(cache) -> int | None:
+    """Tokens an HF ``Cache`` holds (its attention layers' length), or None for a purely recurrent cache
+    (Mamba: convolution and SSM states only), which does not count them."""
+    if any(_is_attention_layer(layer) for layer in getattr(cache, "layers", ())) or not getattr(cache, "layers", None):
+        return cache.get_seq_length()
+    return None
+
+
+def is_empty(cache) -> bool:
+    """Whether nothing has been run through ``cache`` yet (attention or recurrent layers alike)."""
+    n = cached_tokens(cache)
+    return n == 0 if n is not None else not cache.has_previous_state()
+
+
+def step_mask(cache, mask):
+    """The attention mask to hand an HF model together with ``cache``.
+
+    Attention models take the mask of past + new tokens. A purely recurrent model (Mamba) reads its mask
+    as one entry per *new* token (it zeroes padded inputs), so once its state holds the prompt it gets
+    none, as HF's own ``generate`` does (``MambaForCausalLM.prepare_inputs_for_generation``).
+    """
+    if cache is not None and cached_tokens(cache) is None and not is_empty(cache):
+        return None
+    return mask
+
+
+def _is_attention_layer(layer) -> bool:
+    from transformers.cache_utils import CacheLayerMixin
+
+    return isinstance(layer, CacheLayerMixin)
