@@ -48,9 +48,7 @@ from .distributed import Dist, init_distributed
 from .errors import UserError
 from .evaluation import eval_subset, evaluate_and_report
 from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, check_paths,
-                      checkpoint_modules,
-                      fill_readout,
-                      count_parameters, load_data, make_batcher, set_threads)
+                      checkpoint_modules, count_parameters, fill_readout, load_data, make_batcher, set_threads)
 from .loop import (amp_factory, batch_for_step, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
                    seed_everything, train_loop)
 from .runs import (METRICS_LOG, MetricsLogger, cleanup_on_failure, open_run, read_jsonl, write_metrics,
