@@ -109,6 +109,13 @@ class EventBatch:
                        labels=move(self.labels), target=[move(t) for t in self.target], rows=move(self.rows),
                        users=move(self.users))
 
+    def pin_memory(self) -> "EventBatch":
+        """The batch in page-locked memory (``DataLoader(pin_memory=True)`` calls this in its pin thread)."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return replace(self, features=[pin(f) for f in self.features], lengths=pin(self.lengths),
+                       labels=pin(self.labels), target=[pin(t) for t in self.target], rows=pin(self.rows),
+                       users=pin(self.users))
+
 
 # ---------------------------------------------------------------------------------------- split
 def _check(task: str | None, window: int, split: str, stride: int = 1) -> str | None:
