@@ -45,7 +45,8 @@ class TextColumn:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TextColumn):
-            return self.arrow.equals(other.arrow)
+            chunked = lambda a: a if isinstance(a, pa.ChunkedArray) else pa.chunked_array([a])  # noqa: E731
+            return chunked(self.arrow).equals(chunked(other.arrow))
         if isinstance(other, (list, tuple)):
             return self.to_list() == list(other)
         return NotImplemented
