@@ -119,3 +119,12 @@ def test_transform_runs_on_each_batch(ds):
     sampler = EpochBatchSampler(len(ex), 10, seed=0, steps=4)
     got = list(make_loader(WindowDataset(ex, ds, transform=len), sampler, workers=1))
     assert got == [10, 10, 10, 10]
+
+
+def test_pretrain_windows_subset(ds):
+    windows = PretrainWindows(ds, 8, "train", stride=2)
+    idx = np.array([7, 2, 30])
+    sub = windows.subset(idx)
+    assert len(sub) == 3 and sub.window == 8 and sub.ds is ds
+    assert_same_batch(sub.batch(np.arange(3)), windows.batch(idx))
+    assert len(windows) > 3                                     # the original is untouched

@@ -312,6 +312,14 @@ class PretrainWindows:
     def __len__(self) -> int:
         return len(self.end)
 
+    def subset(self, idx: Sequence[int] | np.ndarray) -> "PretrainWindows":
+        """The windows ``idx`` (in that order), e.g. a fixed random sample for ``--max-train-examples``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = object.__new__(PretrainWindows)
+        out.__dict__.update(self.__dict__)
+        out.user, out.start, out.end = self.user[idx], self.start[idx], self.end[idx]
+        return out
+
     @property
     def lengths(self) -> np.ndarray:
         return self.end - self.start
