@@ -6,7 +6,7 @@
 (every user, every item) and ranks it with :func:`userllm.ranking.evaluate_next_item` using the default
 pretraining encoder (``python -m userllm.pretrain``'s defaults, untrained: the cost does not depend on the
 weights) and the popularity baseline. Prints one JSON line: users, items, load_s, prepare_s, eval_s,
-peak_rss_bytes (the process's, ``ru_maxrss``), device, threads and the metrics.
+peak_rss_bytes (the process's ``VmHWM``), device, threads and the metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ from userllm.training import pick_device  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+    """This process's peak RSS (``VmHWM``; ``ru_maxrss`` would include the launching process's peak, which
+    Linux carries across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # not Linux: KiB on Linux, bytes on macOS
 
 
 def run_eval(args) -> dict:
