@@ -5,7 +5,8 @@
 ``eval``: loads the processed release (from the cache when warm), builds the test split's full-ranking set
 (every user, every item) and ranks it with :func:`userllm.ranking.evaluate_next_item` using the default
 pretraining encoder (``python -m userllm.pretrain``'s defaults, untrained: the cost does not depend on the
-weights) and the popularity baseline. Prints one JSON line: users, items, load_s, prepare_s, eval_s,
+weights) and the popularity baseline. Prints one JSON line: users, items, load_s, prepare_s, eval_s (wall), eval_cpu_s (CPU seconds of all threads: what a contended machine
+cannot inflate the way it inflates wall time),
 peak_rss_bytes (the process's ``VmHWM``), device, threads and the metrics.
 """
 
@@ -50,14 +51,15 @@ def run_eval(args) -> dict:
     popularity = train_item_counts(ds)
     torch.manual_seed(0)
     encoder = build_encoder(cfg.encoder, encoder_config(cfg, ds)).to(device)
-    t2 = time.time()
+    t2, c2 = time.time(), time.process_time()
     metrics = evaluate_next_item(encoder, ds, evalset, np.arange(len(evalset)), device, args.filter_seen,
                                  popularity, batch_size=args.batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t3 = time.time()
+    t3, c3 = time.time(), time.process_time()
     out = {"users": len(evalset), "items": ds.num_items - 1, "load_s": round(t1 - t0, 2),
-           "prepare_s": round(t2 - t1, 2), "eval_s": round(t3 - t2, 2), "peak_rss_bytes": peak_rss_bytes(),
+           "prepare_s": round(t2 - t1, 2), "eval_s": round(t3 - t2, 2),
+           "eval_cpu_s": round(c3 - c2, 2), "peak_rss_bytes": peak_rss_bytes(),
            "device": str(device), "threads": torch.get_num_threads(), "filter_seen": args.filter_seen,
            "metrics": metrics}
     if device.type == "cuda":

@@ -343,3 +343,14 @@ def test_text_column_basics():
     assert col.take([3, 0]).to_list() == ["dd", "a"] and col.filter(col.nonempty()) == ["a", "dd"]
     other = TextColumn(["x", "y", "z", "w"])
     assert col.or_else(other).to_list() == ["a", "y", "z", "dd"]
+
+
+def test_category_feature_is_gathered_from_the_item_table():
+    ds = process_events(dmod.generate_synthetic(SyntheticConfig(num_users=20, num_items=30, min_events=5,
+                                                                max_events=15, seed=1)))
+    cat = ds.features["category"]
+    assert isinstance(cat, dmod.PerItemFeature) and cat.shape == (ds.num_events, ds.item_categories.shape[1])
+    dense = ds.item_categories[ds.features["item"]]           # by vocab id: the same table, other indexing
+    assert np.array_equal(np.asarray(cat), dense)
+    rows = np.array([[3, 0], [7, 7]])
+    assert np.array_equal(cat[rows], dense[rows]) and cat[rows].shape == (2, 2, cat.shape[1])
