@@ -11,7 +11,9 @@ Size: ``$USERLLM_ML20M_RATINGS`` ratings (benchmarks/make_ml20m.py), default 20,
 ``--benchmark-disable`` (CI) 20,000 ratings, where the figures are computed and checked for consistency
 but the time/memory targets (meant for the full size) are not asserted. ``$USERLLM_ML20M_DIR`` reuses an
 existing release (and ``$USERLLM_CACHE`` its processed cache) instead of generating one in a temporary
-directory.
+directory. Each measurement records wall and CPU seconds; with ``USERLLM_BENCH_CONTENDED=1`` the time
+targets are checked against CPU seconds instead of wall time (on a machine shared with other jobs the
+wall time measures their load; the CPU seconds of a 1-thread process are what an idle core would take).
 
     pytest benchmarks/test_scale.py -q --benchmark-disable                            # CI: ~10 s
     USERLLM_ML20M_DIR=/tmp/ml-20m pytest benchmarks/test_scale.py -q -s --benchmark-only  # full size
@@ -45,8 +47,27 @@ EVAL_SECONDS, EVAL_RSS = 60.0, 4 << 30
 FIRST_BATCH_SECONDS, PRETRAIN_RSS = 60.0, 6 << 30
 
 
+CONTENDED = os.environ.get("USERLLM_BENCH_CONTENDED") == "1"
+#: Full-size measurements take minutes on a loaded 2-core machine: more than pytest.ini's 600 s default.
+FULL_TIMEOUT = 3600
+
+
 def full_size(config) -> bool:
     return not config.getoption("benchmark_disable", default=False)
+
+
+def seconds(result: dict, wall: str, cpu: str) -> float:
+    """The figure a time target is checked against (see the module docstring)."""
+    return result[cpu] if CONTENDED else result[wall]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of a live process (all its threads), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +106,7 @@ def default_train_step_seconds(ds, windows) -> float:
     return statistics.median(times[2:])
 
 
+@pytest.mark.timeout(FULL_TIMEOUT)
 def test_data_time_per_step_does_not_grow_with_the_windows(benchmark, release, request):
     _, _, ds = release
     threads = torch.get_num_threads()
@@ -142,8 +164,8 @@ def vm_hwm_bytes(pid: int | str = "self") -> int | None:
 
 
 def run_measured(cmd: list[str], log: Path, poll=None) -> tuple[int, int]:
-    """Run ``cmd`` (output to ``log``), calling ``poll()`` and sampling the child's VmHWM every 20 ms; returns
-    (exit status, the largest VmHWM seen: a peak reached in the child's last 20 ms can be missed)."""
+    """Run ``cmd`` (output to ``log``), calling ``poll(pid)`` and sampling the child's VmHWM every 20 ms;
+    returns (exit status, the largest VmHWM seen: a peak reached in the child's last 20 ms can be missed)."""
     peak = 0
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -151,13 +173,14 @@ def run_measured(cmd: list[str], log: Path, poll=None) -> tuple[int, int]:
         while proc.poll() is None:
             peak = max(peak, vm_hwm_bytes(proc.pid) or 0)
             if poll is not None:
-                poll()
+                poll(proc.pid)
             time.sleep(0.02)
     if poll is not None:
-        poll()
+        poll(proc.pid)
     return proc.returncode, peak
 
 
+@pytest.mark.timeout(FULL_TIMEOUT)
 def test_full_ranking_evaluation_of_every_user(benchmark, release, request, tmp_path):
     directory, cache, ds = release
     cmd = [sys.executable, str(ROOT / "benchmarks" / "scale_probe.py"), "eval", str(directory),
@@ -166,17 +189,18 @@ def test_full_ranking_evaluation_of_every_user(benchmark, release, request, tmp_
     rc, rss = run_measured(cmd, log)
     assert rc == 0, log.read_text()[-3000:]
     result = json.loads(log.read_text().strip().splitlines()[-1])
-    assert rss <= result["peak_rss_bytes"]               # the sampled peak cannot exceed the probe's own
+    result["peak_rss_bytes"] = max(rss, result["peak_rss_bytes"])   # the probe's own reading, or a later peak
     assert result["users"] == ds.num_users and result["items"] == ds.num_items - 1
     assert result["metrics"]["popularity"]["count"] > 0.99 * ds.num_users
     benchmark.extra_info.update({k: v for k, v in result.items() if k != "metrics"})
     print(json.dumps(result))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     if full_size(request.config):
-        assert result["eval_s"] <= EVAL_SECONDS, result
+        assert seconds(result, "eval_s", "eval_cpu_s") / (result["threads"] if CONTENDED else 1) <= EVAL_SECONDS, result
         assert result["peak_rss_bytes"] <= EVAL_RSS, result
 
 
+@pytest.mark.timeout(FULL_TIMEOUT)
 def test_pretrain_first_batch_on_a_warm_cache(benchmark, release, request, tmp_path):
     directory, cache, ds = release
     out = tmp_path / "run"
@@ -186,21 +210,22 @@ def test_pretrain_first_batch_on_a_warm_cache(benchmark, release, request, tmp_p
     log = tmp_path / "log.txt"
     first = []
 
-    def poll():
+    def poll(pid):
         metrics = out / "metrics.jsonl"
         if not first and metrics.is_file() and metrics.read_text().strip():
-            first.append(time.time() - t0)
+            first.extend([time.time() - t0, cpu_seconds(pid)])
 
     t0 = time.time()
     rc, rss = run_measured(cmd, log, poll)
     assert rc == 0 and first, log.read_text()[-3000:]
     text = log.read_text()
     assert "training windows" in text
-    result = {"first_batch_s": round(first[0], 2), "total_s": round(time.time() - t0, 2), "peak_rss_bytes": rss,
+    result = {"first_batch_s": round(first[0], 2), "first_batch_cpu_s": first[1], "total_s": round(time.time() - t0, 2),
+              "peak_rss_bytes": rss,
               "windows_line": next(line for line in text.splitlines() if "training windows" in line)}
     benchmark.extra_info.update(result)
     print(json.dumps(result))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     if full_size(request.config):
-        assert result["first_batch_s"] <= FIRST_BATCH_SECONDS, result
+        assert seconds(result, "first_batch_s", "first_batch_cpu_s") <= FIRST_BATCH_SECONDS, result
         assert result["peak_rss_bytes"] <= PRETRAIN_RSS, result
