@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..utils.memory import fix_mmap_threshold
 from .examples import Examples, PretrainWindows, collate
 
 #: Batches each worker prepares ahead of the loop (torch's own default): with 2 workers, 4 batches are
@@ -144,6 +145,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, *, workers: int = 0, prefetc
         raise ValueError(f"make_loader: workers must be >= 0, got {workers}")
     if prefetch < 1:
         raise ValueError(f"make_loader: prefetch must be >= 1, got {prefetch}")
+    fix_mmap_threshold()                  # batches of varying shapes would fragment the heap (see there)
     pin = torch.device(device).type == "cuda" if device is not None else False
     extra = dict(prefetch_factor=prefetch, persistent_workers=True) if workers else {}
     return DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=workers,
