@@ -133,6 +133,7 @@ setup(
         "pyyaml>=6",
         "rouge-score>=0.1.2",
         "matplotlib>=3.7",
+        "scikit-learn>=1.3",
     ],
     extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "pytest-timeout>=2"]},
 )

@@ -30,7 +30,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from userllm.profiling.compare import CompareConfig, _build_models, _load_data, environment
+from userllm.profiling.compare import CompareConfig, build_models, load_data
+from userllm.profiling.measure import environment
 from userllm.profiling.timing import synchronize
 
 CUDA = torch.cuda.is_available()
@@ -51,8 +52,8 @@ def setup(request):
     hidden, layers = _llm_size(default="1024x8" if CUDA and not smoke else None)
     cfg = CompareConfig(lengths=lengths, batch_size=batch, tiny=not CUDA or smoke, perceiver_latents=0,
                         device=str(DEVICE), integration="xattn", llm_hidden=hidden, llm_layers=layers)
-    ds = _load_data(cfg)
-    models, tok, _ = _build_models(cfg, ds)
+    ds = load_data(cfg)
+    models, tok, _ = build_models(cfg, ds)
     dtype = _dtype(default="bfloat16" if CUDA and not smoke else "float32")
     models = {name: model.to(dtype) for name, model in models.items()}
     env = environment(DEVICE)
@@ -100,13 +101,6 @@ def _info(benchmark, setup, **shape):
     benchmark.extra_info.update(shape)
 
 
-def _gen_kwargs(method, prompt):
-    kw = {"input_ids": prompt.input_ids, "attention_mask": prompt.attention_mask}
-    if method == "userllm":
-        kw.update(features=prompt.events.features, lengths=prompt.events.lengths)
-    return kw
-
-
 def _generator(model, kw, n_new: int, pad: int):
     """Greedy ``generate`` of exactly ``n_new`` tokens with the KV cache, synchronised."""
     def infer():
@@ -127,8 +121,7 @@ def test_training_step_kernels(benchmark, setup, backend):
     L = setup["lengths"][0]
     train, _ = _batches(setup, "userllm", L)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    kw = {"input_ids": train.input_ids, "attention_mask": train.attention_mask, "labels": train.labels,
-          "features": train.events.features, "lengths": train.events.lengths}
+    kw = {**train.model_inputs(), "labels": train.labels}
 
     def step():
         with kernels.use_backend(backend):
@@ -156,7 +149,7 @@ def _bench_generate(benchmark, setup, method: str, index: int, n_new: int) -> No
     L = setup["lengths"][index]
     model = setup["models"][method].to(DEVICE).eval()
     _, prompt = _batches(setup, method, L)
-    out = benchmark(_generator(model, _gen_kwargs(method, prompt), n_new, setup["tok"].pad_token_id))
+    out = benchmark(_generator(model, prompt.model_inputs(), n_new, setup["tok"].pad_token_id))
     assert out.shape[1] == prompt.input_ids.shape[1] + n_new
     _info(benchmark, setup, method=method, history=L, batch=prompt.input_ids.shape[0],
           prompt_len=prompt.input_ids.shape[1], new_tokens=n_new)
@@ -220,18 +213,18 @@ def test_decode_per_token(benchmark, setup, method, index):
 # -------------------------------------------------------------------------------------- Perceiver
 @pytest.mark.parametrize("latents", [0, 16], ids=["no_perceiver", "perceiver16"])
 def test_perceiver_inference(benchmark, setup, latents):
-    from userllm.integration import UserLLM, UserLLMConfig
+    from userllm import factory
 
     base = setup["models"]["userllm"]
     torch.manual_seed(0)
     # the plain LLM (same initial weights): base.llm carries base's cross-attention hooks
-    model = UserLLM(copy.deepcopy(setup["models"]["textprompt"]), copy.deepcopy(base.encoder),
-                    UserLLMConfig(integration="xattn", perceiver_latents=latents, dropout=0.0))
+    tcfg = replace(setup["cfg"], integration="xattn", perceiver_latents=latents).train_config()
+    model = factory.build_model(tcfg, copy.deepcopy(setup["models"]["textprompt"]), copy.deepcopy(base.encoder))
     model = model.to(DEVICE, setup["dtype"]).eval()
     L = setup["lengths"][0]                          # 50 events (5 in the smoke run)
     n_new = 4 if setup["smoke"] else NEW_TOKENS
     _, prompt = _batches(setup, "userllm", L)
-    out = benchmark(_generator(model, _gen_kwargs("userllm", prompt), n_new, setup["tok"].pad_token_id))
+    out = benchmark(_generator(model, prompt.model_inputs(), n_new, setup["tok"].pad_token_id))
     assert out.shape[1] == prompt.input_ids.shape[1] + n_new
     _info(benchmark, setup, perceiver_latents=latents, history=L, new_tokens=n_new,
           batch=prompt.input_ids.shape[0])

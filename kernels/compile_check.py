@@ -3,7 +3,7 @@
 The Triton interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on CPU) accepts programs that
 the GPU compiler rejects: a ``tl.dot`` tile smaller than 16, a block that is not a power of two, a
 scan combine function the lowering does not support. This module closes that gap without a GPU. It
-runs the real launchers (:mod:`userllm.kernels.embedding`, :mod:`userllm.kernels.cached_attention`) on
+runs the real launchers (:mod:`userllm.kernels.ops.embedding_concat`, :mod:`userllm.kernels.ops.attention`) on
 ``meta`` tensors with the kernels swapped for recorders, so it sees exactly the grids, arguments and
 block sizes that a CUDA call at those shapes would launch. Then it compiles each distinct launch
 ahead of time through Triton's own pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin, with the ``ptxas``
@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .dispatch import interpreter_requested
+from .env import interpreter_requested
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
                  torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
@@ -116,9 +116,9 @@ def recording_launches() -> Iterator[list[Launch]]:
     """Within the block, every Triton kernel of userllm.kernels is recorded instead of launched."""
     if interpreter_requested():
         raise RuntimeError("compile_check needs the compiled kernels: run it without TRITON_INTERPRET")
-    from . import cached_attention, embedding
-    modules = {embedding: ("_emb_fwd_kernel", "_emb_bwd_kernel"),
-               cached_attention: ("_attn_fwd_kernel", "_attn_bwd_kernel")}
+    from .ops import attention, embedding_concat
+    modules = {embedding_concat: ("_emb_fwd_kernel", "_emb_bwd_kernel"),
+               attention: ("_attn_fwd_kernel", "_attn_bwd_kernel")}
     sink: list[Launch] = []
     saved = {(m, n): getattr(m, n) for m, names in modules.items() for n in names}
     try:
@@ -140,7 +140,7 @@ def _embedding(B: int, L: int, dtype: torch.dtype, specs=((100_000, 64, 1), (10,
                ) -> Callable[[], None]:
     """Features (V, D, ids per event); default: issue 4's item (100k x 64), rating (10 x 8) and genres
     (20 x 32, up to 8 per event)."""
-    from .embedding import embedding_concat_backward, embedding_concat_forward
+    from .ops.embedding_concat import embedding_concat_backward, embedding_concat_forward
 
     def run():
         ids = [_meta(B, L, dtype=torch.int64) if k == 1 else _meta(B, L, k, dtype=torch.int64) for _, _, k in specs]
@@ -152,7 +152,7 @@ def _embedding(B: int, L: int, dtype: torch.dtype, specs=((100_000, 64, 1), (10,
 
 def _attention(B: int, T: int, Hq: int, Hkv: int, N: int, D: int, dtype: torch.dtype, shared_q: bool,
                backward: bool) -> Callable[[], None]:
-    from .cached_attention import attention_backward, attention_forward
+    from .ops.attention import attention_backward, attention_forward
 
     def run():
         q = _meta(T, Hq, D, dtype=dtype) if shared_q else _meta(B, T, Hq, D, dtype=dtype)

@@ -41,9 +41,9 @@ from typing import Sequence
 import torch
 
 from . import reference
+from .env import ENV_VAR, interpreter_requested
 
 BACKENDS = ("auto", "reference", "triton", "native")
-ENV_VAR = "USERLLM_KERNEL_BACKEND"
 
 _override: str | None = None
 _native_state: dict = {}   # device type -> the native module (None: no kernels there), once probed
@@ -80,15 +80,10 @@ class use_backend:
         _override = self.previous
 
 
-def interpreter_requested() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter now (what kernels decorated now will use)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def triton_interpreted() -> bool:
     """Whether the Triton kernels run (or, not yet imported, would run) in the Triton interpreter."""
-    for name in ("embedding", "cached_attention"):
-        mod = sys.modules.get(f"{__package__}.{name}")
+    for name in ("embedding_concat", "attention"):
+        mod = sys.modules.get(f"{__package__}.ops.{name}")
         if mod is not None:
             return mod.INTERPRETED
     return interpreter_requested()
@@ -158,6 +153,36 @@ def resolve(op: str, device: torch.device) -> str:
     return "reference"
 
 
+def select_backend(fused: bool, device: torch.device) -> str:
+    """Set the backend of a run (``use_backend``) and return a one-line description of the path taken.
+
+    ``fused=False``: the reference ops. ``fused=True``: Triton on CUDA (the reference when Triton is not
+    installed), the native C++ ``embedding_concat`` on CPU when its library is built (the attention ops
+    have no CPU kernel there and use the reference), else the reference. This is the policy of ``auto``
+    made explicit, so that the printed line names what runs. The command-line entry points call it
+    (``--fused-kernels``).
+    """
+    device = torch.device(device)
+    if not fused:
+        use_backend("reference")
+        return "kernels: PyTorch reference ops (pass --fused-kernels for the fused ones)"
+    if device.type == "cuda":
+        if _triton_importable():
+            use_backend("triton")
+            return "kernels: fused Triton kernels on CUDA"
+        use_backend("reference")
+        return "kernels: --fused-kernels asked for Triton, which is not installed; using the PyTorch reference ops"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the line returned says it; no second warning
+        native = native_available(device.type)
+    if native:
+        use_backend("native")
+        return ("kernels: native C++ embedding_concat on CPU (the attention ops have no CPU kernel and use "
+                "the PyTorch reference)")
+    use_backend("reference")
+    return "kernels: --fused-kernels: the native CPU library is not built; using the PyTorch reference ops"
+
+
 # ------------------------------------------------------------------------------------------- public ops
 
 def embedding_concat(ids: Sequence[torch.Tensor], tables: Sequence[torch.Tensor], pooling: str = "mean") -> torch.Tensor:
@@ -169,7 +194,7 @@ def embedding_concat(ids: Sequence[torch.Tensor], tables: Sequence[torch.Tensor]
     """
     backend = resolve("embedding_concat", tables[0].device)
     if backend == "triton":
-        from .embedding import embedding_concat as impl
+        from .ops.embedding_concat import embedding_concat as impl
     elif backend == "native":
         impl = _native_module(tables[0].device.type).embedding_concat
     else:
@@ -182,7 +207,7 @@ def latent_cross_attention(latents: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """Perceiver cross-attention: latents [M, H, D] (shared) or [B, M, H, D] over k, v [B, N, H, D] with
     keys at positions >= kv_lengths[b] masked. Returns [B, M, H, D]. See the reference for details."""
     if resolve("latent_cross_attention", latents.device) == "triton":
-        from .latent_attention import latent_cross_attention as impl
+        from .ops.latent_cross_attention import latent_cross_attention as impl
     else:
         impl = reference.latent_cross_attention
     return impl(latents, k, v, kv_lengths, scale)
@@ -193,7 +218,7 @@ def cached_cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Grouped-query attention of q [B, T, Hq, D] over a cache [B, N, Hkv, D] with keys at positions
     >= kv_lengths[b] masked. Returns [B, T, Hq, D]. See the reference for details."""
     if resolve("cached_cross_attention", q.device) == "triton":
-        from .cached_attention import cached_cross_attention as impl
+        from .ops.cached_cross_attention import cached_cross_attention as impl
     else:
         impl = reference.cached_cross_attention
     return impl(q, k_cache, v_cache, kv_lengths, scale)

@@ -6,7 +6,9 @@ Modules (import what you need; nothing heavy is imported here):
 * :mod:`.flops`   analytic (6ND-style + attention) and measured (FlopCounterMode) FLOPs per component;
 * :mod:`.gpu`     background NVML sampler (utilisation, memory, power, energy), fake-NVML injectable;
 * :mod:`.timing`  CUDA-event / perf_counter timing, peak allocated memory / peak RSS;
-* :mod:`.compare` ``python -m userllm.profiling.compare``; also ``profile_training_step`` / ``write_profile``
-  for ``python -m userllm.train --profile``;
+* :mod:`.measure` the environment record, timing under the NVML sampler, ``profile_training_step`` and
+  ``write_profile`` (shared by compare and ``python -m userllm.train --profile``);
+* :mod:`.train_profile` ``TrainProfiler``: the ``profile.json`` of ``python -m userllm.train --profile``;
+* :mod:`.compare` ``python -m userllm.profiling.compare`` (models built by :mod:`userllm.factory`);
 * :mod:`.report`  ``python -m userllm.profiling.report RUN_DIR...``; :mod:`.plots` the PNGs.
 """

@@ -19,11 +19,7 @@ next to the analytic estimate).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,127 +30,16 @@ import torch.nn as nn
 from userllm.errors import UserError
 from userllm.utils.atomic import write_json
 
-from .flops import (ComponentFlopCounter, FlopBreakdown, PassShape, analytic_generation, analytic_userllm,
-                    flops_summary, model_components)
-from .gpu import GpuSampler
-from .timing import Timer, synchronize
+from .flops import ComponentFlopCounter, FlopBreakdown, PassShape, analytic_generation, analytic_userllm, flops_summary
+from .flops import model_components
+from .measure import PROFILE_FILE, SCHEMA, environment, measure, profile_training_step, write_profile
+from .timing import synchronize
 from .tokens import dataset_tokens, full_window_examples, summarize
 
-SCHEMA = "userllm.profile/1"
-PROFILE_FILE = "profile.json"
+__all__ = ["CompareConfig", "load_data", "build_models", "run_configuration", "run_compare", "main",
+           "SCHEMA", "PROFILE_FILE", "environment", "profile_training_step", "write_profile"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Reusable pieces (also used by `python -m userllm.train --profile`)
-# ----------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device | str) -> dict[str, Any]:
-    """Device name, library versions and the git commit, for every profile and benchmark."""
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:  # triton is optional on CPU-only machines
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except Exception:
-        commit = None
-    return {"device": str(dev), "device_name": name, "torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version(), "commit": commit, "cpu_threads": torch.get_num_threads()}
-
-
-def _measure(fn: Callable[[], Any], device: torch.device, repeats: int, interval_s: float) -> dict[str, Any]:
-    """Run ``fn`` ``repeats`` times, each under its own Timer, all under one GPU sampler.
-
-    Per-call figures are medians over the repeats (robust to a busy machine); ``wall_s_all`` keeps
-    every call; energy is the sampled total divided by the number of calls.
-    """
-    import statistics
-
-    results = []
-    with GpuSampler(interval_s=interval_s) as sampler:
-        for _ in range(max(repeats, 1)):
-            with Timer(device) as t:
-                fn()
-            results.append(t.result)
-    g = sampler.report()
-    n = len(results)
-    peak = [r.peak_mem_bytes for r in results if r.peak_mem_bytes is not None]
-    rss = [r.peak_rss_bytes for r in results if r.peak_rss_bytes is not None]
-    return {
-        "repeats": n, "wall_s": statistics.median(r.wall_s for r in results),
-        "wall_s_min": min(r.wall_s for r in results), "wall_s_all": [r.wall_s for r in results],
-        "device_s": statistics.median(r.device_s for r in results),
-        "cpu_s": statistics.median(r.cpu_s for r in results),
-        "peak_mem_bytes": max(peak) if peak else None, "peak_rss_bytes": max(rss) if rss else None,
-        "rss_peak_scope": results[0].rss_peak_scope,
-        "gpu": g.to_dict(), "energy_j": None if g.energy_j is None else g.energy_j / n,
-        "energy": "n/a (no NVIDIA GPU)" if not g.available else (
-            "n/a (energy not supported by this GPU)" if g.energy_j is None else f"{g.energy_j / n:.3g} J"),
-    }
-
-
-def profile_training_step(step_fn: Callable[[], Any], model: nn.Module, *, device: torch.device | str = "cpu",
-                          steps: int = 3, tokens_per_step: int | None = None,
-                          analytic: FlopBreakdown | dict | None = None,
-                          sampler_interval_s: float = 0.05) -> dict[str, Any]:
-    """Profile a training step: FLOPs per component on one call, then time/memory/energy over ``steps``.
-
-    step_fn: one full training step (forward, backward, optimizer step) on the next batch; it is called
-        ``1 + steps`` times (these are real steps: the caller counts them as training steps).
-    model: the UserLLM or the plain LLM being trained (its components are found by structure).
-    tokens_per_step: LLM input tokens per step (for tokens/s); analytic: the analytic FLOPs to record.
-    Returns the ``train_step`` section of ``profile.json``.
-    """
-    device = torch.device(device)
-    comps, methods = model_components(model)
-    synchronize(device)
-    with ComponentFlopCounter(comps, methods=methods) as counter:
-        step_fn()
-    synchronize(device)
-    out: dict[str, Any] = {"flops": {"measured": flops_summary(counter)}}
-    if analytic is not None:
-        out["flops"]["analytic"] = analytic.to_dict() if isinstance(analytic, FlopBreakdown) else dict(analytic)
-    if steps > 0:
-        timing = _measure(step_fn, device, steps, sampler_interval_s)
-        out["timing"] = timing
-        if tokens_per_step:
-            out["tokens_per_s"] = tokens_per_step / timing["wall_s"]
-    out["tokens_per_step"] = tokens_per_step
-    return out
-
-
-def write_profile(run_dir: str | Path, **sections: Any) -> Path:
-    """Merge ``sections`` (e.g. ``train_step=...``, ``inference=...``, ``run=...``) into ``run_dir/profile.json``.
-
-    The file is written atomically; sections already there and not given are kept.
-    """
-    path = Path(run_dir) / PROFILE_FILE
-    data: dict[str, Any] = {}
-    if path.is_file():
-        data = json.loads(path.read_text())
-    data.update({k: v for k, v in sections.items() if v is not None})
-    data["schema"] = SCHEMA
-    write_json(path, data)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# The comparison
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class CompareConfig:
     dataset: str = "synthetic"
@@ -178,55 +63,59 @@ class CompareConfig:
     out: str = "runs/compare"
     sampler_interval_s: float = 0.05
 
+    def train_config(self):
+        """The comparison's model as :class:`~userllm.config.TrainConfig` options (what
+        :mod:`userllm.factory` builds from): every parameter trainable, no LLM pretraining, closed gates."""
+        from userllm.config import TrainConfig
 
-def _load_data(cfg: CompareConfig):
-    from userllm.data.dataset import load_dataset
+        return TrainConfig(dataset=self.dataset, data_path=self.path, task=self.task, window=max(self.lengths),
+                           llm=self.llm, llm_hidden=self.llm_hidden or 128, llm_layers=self.llm_layers or 2,
+                           llm_pretrain_steps=0, integration=self.integration, xattn_gate_init=0.0,
+                           perceiver_latents=self.perceiver_latents, soft_prompt_tokens=self.task_prompt_len,
+                           encoder_dim=self.encoder_dim if not self.tiny else 32,
+                           encoder_layers=self.encoder_layers if not self.tiny else 1, pretrain_steps=0,
+                           strategy="full", seed=self.seed)
+
+    def llm_config(self):
+        """The embedded default LLM's layout (None with ``--llm``)."""
+        from userllm.llm import DefaultLLMConfig
+
+        if self.llm:
+            return None
+        if self.llm_hidden or self.llm_layers:
+            d = DefaultLLMConfig()
+            return DefaultLLMConfig.sized(self.llm_hidden or d.hidden_size, self.llm_layers or d.num_hidden_layers)
+        if self.tiny:
+            return DefaultLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, vocab_size=1024)
+        return DefaultLLMConfig()
+
+
+def load_data(cfg: CompareConfig):
+    """The comparison's dataset; synthetic: every user has a full window at every length (not cached)."""
+    from userllm import factory
     from userllm.data.synthetic import SyntheticConfig
 
+    tcfg = cfg.train_config()
     if cfg.dataset == "synthetic":
         n = max(cfg.lengths) + 2        # every user has a full window at every length (test target + val)
         syn = SyntheticConfig(num_users=max(cfg.batch_size, 8), num_items=400 if not cfg.tiny else 120,
                               min_events=n, max_events=n, seed=cfg.seed)
-        return load_dataset("synthetic", synthetic=syn, use_cache=False)
-    return load_dataset(cfg.dataset, cfg.path)
+        return factory.load_data(tcfg, synthetic=syn, use_cache=False)
+    return factory.load_data(tcfg)
 
 
-def _build_models(cfg: CompareConfig, ds):
-    from userllm.encoders import EncoderConfig, build_encoder
-    from userllm.integration import UserLLM, UserLLMConfig
-    from userllm.llm import DefaultLLMConfig, load_llm
-    from userllm.data.dataset import default_cache_dir
-    from userllm.text_prompt import corpus_texts
+def build_models(cfg: CompareConfig, ds) -> tuple[dict[str, nn.Module], Any, int | None]:
+    """``({"userllm": UserLLM, "textprompt": the plain LLM}, tokenizer, LLM context length)`` built by
+    :mod:`userllm.factory`, both from the same initial LLM weights."""
+    from userllm import factory
 
-    if cfg.llm:
-        llm, tok = load_llm(cfg.llm)
-    else:
-        llm_cfg = DefaultLLMConfig()
-        if cfg.llm_hidden or cfg.llm_layers:
-            llm_cfg = DefaultLLMConfig.sized(cfg.llm_hidden or llm_cfg.hidden_size,
-                                             cfg.llm_layers or llm_cfg.num_hidden_layers)
-        elif cfg.tiny:
-            llm_cfg = DefaultLLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=1024)
-        llm, tok = load_llm(None, texts=corpus_texts(ds), cache_dir=default_cache_dir(), seed=cfg.seed,
-                            default_config=llm_cfg)
-    max_pos = getattr(llm.config, "max_position_embeddings", None)
+    tcfg = cfg.train_config()
+    llm, tok = factory.build_llm(tcfg, ds, default_config=cfg.llm_config())
     torch.manual_seed(cfg.seed)
-    enc_cfg = EncoderConfig(feature_specs=ds.feature_specs, d_model=cfg.encoder_dim if not cfg.tiny else 32,
-                            n_layers=cfg.encoder_layers if not cfg.tiny else 1, n_heads=2, dropout=0.0,
-                            max_len=max(max(cfg.lengths), 8))
-    encoder = build_encoder("ar", enc_cfg)
-    ucfg = UserLLMConfig(integration=cfg.integration, perceiver_latents=cfg.perceiver_latents,
-                         task_prompt_len=cfg.task_prompt_len, dropout=0.0)
-    userllm = UserLLM(copy.deepcopy(llm), encoder, ucfg)
-    return {"userllm": userllm, "textprompt": llm}, tok, max_pos
-
-
-def _forward_kwargs(method: str, batch) -> dict[str, Any]:
-    kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if method == "userllm":
-        kw.update(features=batch.events.features, lengths=batch.events.lengths)
-    return kw
+    encoder = factory.build_encoder(tcfg, ds, dropout=0.0, max_len=max(max(cfg.lengths), 8))
+    userllm = factory.build_model(tcfg, copy.deepcopy(llm), encoder)
+    return {"userllm": userllm, "textprompt": llm}, tok, factory.llm_max_length(llm)
 
 
 def run_configuration(cfg: CompareConfig, ds, tok, model: nn.Module, method: str, length: int,
@@ -254,7 +143,7 @@ def run_configuration(cfg: CompareConfig, ds, tok, model: nn.Module, method: str
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    kw = _forward_kwargs(method, train)
+    kw = train.model_inputs()
 
     def step():
         loss = model(**kw, labels=train.labels).loss
@@ -271,7 +160,7 @@ def run_configuration(cfg: CompareConfig, ds, tok, model: nn.Module, method: str
 
     # ---- inference: prefill (+ first token) and prefill + new_tokens ----
     model.eval()
-    pkw = _forward_kwargs(method, prompt)
+    pkw = prompt.model_inputs()
     pad = tok.pad_token_id
 
     def gen(n: int):
@@ -297,8 +186,8 @@ def run_configuration(cfg: CompareConfig, ds, tok, model: nn.Module, method: str
     for s in a_steps:
         a_total = a_total + s
     gen(1)                                                    # warm-up (allocator, caches)
-    t_prefill = _measure(lambda: gen(1), device, max(cfg.steps, 1), cfg.sampler_interval_s)
-    t_full = _measure(lambda: gen(cfg.new_tokens), device, max(cfg.steps, 1), cfg.sampler_interval_s)
+    t_prefill = measure(lambda: gen(1), device, max(cfg.steps, 1), cfg.sampler_interval_s)
+    t_full = measure(lambda: gen(cfg.new_tokens), device, max(cfg.steps, 1), cfg.sampler_interval_s)
     # min over repeats: the least-disturbed run of each (a difference of medians can go negative on a busy host)
     per_tok = max(t_full["wall_s_min"] - t_prefill["wall_s_min"], 0.0) / max(cfg.new_tokens - 1, 1)
     decode_measured = {k: (measured["generate"]["components"].get(k, {}).get("total", 0)
@@ -355,8 +244,8 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    ds = _load_data(cfg)
-    models, tok, max_pos = _build_models(cfg, ds)
+    ds = load_data(cfg)
+    models, tok, max_pos = build_models(cfg, ds)
     env = environment(device)
     write_json(out / "compare_config.json", asdict(cfg))
     run_dirs = []
@@ -376,29 +265,38 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> 
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser():
+    from userllm.cli import ArgumentParser
+    from userllm.config import DATASETS, INTEGRATIONS
+
     d = CompareConfig()
-    ap = argparse.ArgumentParser(prog="python -m userllm.profiling.compare",
-                                 description="Profile User-LLM against TextPrompt at several history lengths.")
-    ap.add_argument("--dataset", default=d.dataset, help="synthetic | movielens | amazon | google_local")
+    ap = ArgumentParser(prog="python -m userllm.profiling.compare",
+                        description="Profile User-LLM against TextPrompt at several history lengths.")
+    ap.add_argument("--dataset", default=d.dataset, choices=DATASETS, help="dataset reader")
     ap.add_argument("--path", default=None, help="the dataset's files (real datasets)")
     ap.add_argument("--llm", default=None, help="a local Hugging Face causal LM directory (default: embedded tiny Llama)")
     ap.add_argument("--llm-hidden", type=int, default=None,
                     help="embedded default LLM width (e.g. 1024 with --llm-layers 8: ~102M parameters)")
     ap.add_argument("--llm-layers", type=int, default=None, help="embedded default LLM decoder layers")
-    ap.add_argument("--task", default=d.task, choices=["nextitem", "favgenre"])
+    ap.add_argument("--task", default=d.task, choices=["nextitem", "favgenre"], help="the task of the prompts")
     ap.add_argument("--lengths", type=int, nargs="+", default=d.lengths, help="history lengths (events)")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="users per training step and request")
     ap.add_argument("--steps", type=int, default=d.steps, help="timed training steps / inference repeats")
     ap.add_argument("--new-tokens", type=int, default=d.new_tokens, help="generated tokens after the prefill")
-    ap.add_argument("--integration", default=d.integration, choices=["xattn", "softprompt"])
+    ap.add_argument("--integration", default=d.integration, choices=INTEGRATIONS,
+                    help="how user embeddings enter the LLM")
     ap.add_argument("--perceiver-latents", type=int, default=d.perceiver_latents, help="0 = no Perceiver")
-    ap.add_argument("--task-prompt-len", type=int, default=d.task_prompt_len)
+    ap.add_argument("--task-prompt-len", type=int, default=d.task_prompt_len,
+                    help="learned task-prompt tokens (soft prompt)")
     ap.add_argument("--tiny", action="store_true", help="tiny LLM and encoder (fast CPU runs, tests)")
     ap.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the initial weights and the data")
     ap.add_argument("--out", default=d.out, help="report directory")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = CompareConfig(**{k: v for k, v in vars(args).items()})
     run_compare(cfg)
     return 0

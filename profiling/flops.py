@@ -211,8 +211,8 @@ def _fused_attention_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args,
 _FUSED_ATTENTION_OPS = {
     "triton_cached_cross_attention": _fused_attention_flop,
     "triton_latent_cross_attention": _fused_attention_flop,
-    "triton_attention_backward": _fused_attention_backward_flop,
-    "triton_latent_attention_backward": _fused_attention_backward_flop,
+    "triton_cached_cross_attention_backward": _fused_attention_backward_flop,
+    "triton_latent_cross_attention_backward": _fused_attention_backward_flop,
 }
 
 

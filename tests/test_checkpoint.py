@@ -11,7 +11,7 @@ import torch
 from userllm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from userllm.encoders import EncoderConfig, build_encoder
 from userllm.errors import UserError
-from userllm.training import cosine_with_warmup, seed_everything
+from userllm.loop import cosine_with_warmup, seed_everything
 
 SPECS = [dict(name="item", num_embeddings=25, multi_valued=False),
          dict(name="category", num_embeddings=6, multi_valued=True)]

@@ -84,3 +84,29 @@ def test_model_name():
     assert TrainConfig(baseline="textprompt", strategy="lora").model_name == "TextPrompt-lora"
     assert TrainConfig(window=50, text_events=10, perceiver_latents=16, strategy="enc").model_name == \
         "UserLLM-xattn-enc-perceiver16-TP10"
+
+
+def test_pretrain_config_has_the_same_machinery(tmp_path):
+    from userllm.config import PretrainConfig
+
+    path = tmp_path / "p.yaml"
+    path.write_text("encoder: dual\nsteps: 5\nlogq-correction: false\n")
+    cfg = parse_config(["--config", str(path), "--steps", "7"], PretrainConfig)
+    assert (cfg.encoder, cfg.steps, cfg.logq_correction) == ("dual", 7, False)
+    assert PretrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(UserError, match="--heads"):
+        parse_config(["--heads", "0"], PretrainConfig)
+    assert {"steps", "out", "resume", "device"} <= PretrainConfig.resumable_options()
+    assert "lr" not in PretrainConfig.resumable_options() and "lr" not in TrainConfig.resumable_options()
+
+
+def test_derived_configs():
+    cfg = TrainConfig(encoder="dual", window=7, pretrain_steps=90, encoder_dim=32, encoder_layers=3, seed=4,
+                      integration="softprompt", soft_prompt_tokens=2, perceiver_latents=3)
+    p = cfg.pretrain_config("runs/x/pretrain")
+    assert (p.encoder, p.window, p.steps, p.d_model, p.layers, p.seed, p.warmup, p.out) == \
+        ("dual", 7, 90, 32, 3, 4, 9, "runs/x/pretrain")
+    u = cfg.user_llm_config()
+    assert (u.integration, u.task_prompt_len, u.perceiver_latents, u.gate_init) == ("softprompt", 2, 3, 0.1)
+    # the gate-init policy: closed (Flamingo) with a pretrained --llm, slightly open on the random default
+    assert TrainConfig(llm="/some/dir").gate_init == 0.0 and TrainConfig(xattn_gate_init=0.5).gate_init == 0.5

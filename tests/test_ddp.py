@@ -12,7 +12,7 @@ import pytest
 
 from test_train import tiny_args
 
-from userllm.training import read_jsonl
+from userllm.runs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

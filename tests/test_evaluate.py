@@ -102,7 +102,7 @@ def test_favgenre_decodes_category_names(tmp_path, cache):
     results = run_train(tiny_args(cache, out, task="favgenre", steps=6))
     names = set(json.loads((out / "metrics.json").read_text())["test"]["samples"][0]["top3"])
     from userllm.config import parse_config
-    from userllm.train import load_data
+    from userllm.factory import load_data
 
     ds = load_data(parse_config(tiny_args(cache, out)))
     genres = {c for cs in ds.events.items.categories for c in cs}

@@ -33,7 +33,7 @@ def run(cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ds(run, cache):
     from userllm.config import parse_config
-    from userllm.train import load_data
+    from userllm.factory import load_data
 
     return load_data(parse_config(tiny_args(cache, run)))
 

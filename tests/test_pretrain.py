@@ -13,7 +13,7 @@ from userllm.cli import run_cli
 from userllm.encoders import load_encoder
 from userllm.errors import UserError
 from userllm.pretrain import PretrainConfig, main
-from userllm.training import read_jsonl
+from userllm.runs import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +105,13 @@ def test_dual_logq_correction_is_on_by_default_and_fed_the_train_item_counts(cac
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--encoder", "rnn"], "invalid choice: 'rnn'"),
-    (["--steps", "-1"], "--steps must be >= 0"),
-    (["--epochs", "-1"], "--epochs must be a number >= 0"),
-    (["--dataset", "movielens"], "needs --data-path"),
+    (["--encoder", "rnn"], "--encoder: 'rnn' is not one of ar, dual"),
+    (["--steps", "-1"], "--steps: must be >= 0"),
+    (["--epochs", "-1"], "--epochs: must be >= 0"),
+    (["--dataset", "movielens"], "--data-path: required"),
     (["--d-model", "30", "--heads", "4"], "divisible"),
-    (["--bogus"], "unrecognized arguments"),
-    (["--lr", "fast"], "invalid float value"),
+    (["--bogus"], "unknown option '--bogus'"),
+    (["--lr", "fast"], "--lr: expected a number"),
 ])
 def test_bad_options_exit_2_without_traceback(argv, needle, capsys, tmp_path):
     assert run_cli(main, argv + ["--out", str(tmp_path / "x")]) == 2
@@ -129,7 +129,7 @@ def test_missing_data_path_is_a_user_error(tmp_path, capsys):
 def test_config_defaults_are_valid():
     cfg = PretrainConfig()
     cfg.validate()
-    with pytest.raises(UserError, match="--fusion must be one of"):
+    with pytest.raises(UserError, match="--fusion: 'mean' is not one of"):
         PretrainConfig(fusion="mean").validate()
     assert cfg.window == 50 and cfg.effective_stride == 50
     assert PretrainConfig(encoder="dual").effective_stride == 1

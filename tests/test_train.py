@@ -15,7 +15,7 @@ import torch
 from userllm.cli import run_cli
 from userllm.config import TrainConfig
 from userllm.train import main, train
-from userllm.training import read_jsonl
+from userllm.runs import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,12 @@ import os
 
 
 class UserError(Exception):
-    """A mistake in the user's input: a bad option, a missing file, a malformed row."""
+    """A mistake in the user's input: a bad option, a missing file, a malformed row.
+
+    ``exit_code``: the status the command line exits with (see :func:`userllm.cli.run_cli`).
+    """
+
+    exit_code = 2
 
 
 class DataError(UserError):

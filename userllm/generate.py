@@ -6,7 +6,7 @@
     python -m userllm.generate runs/x --users 3 --split test --num-beams 4 --out gen.jsonl
 
 The run (``config.json``, ``llm/``, ``encoder.json``, latest checkpoint) is rebuilt with
-:func:`userllm.evaluate.load_run` on the run's dataset. Each requested user gets a history of at most
+:func:`userllm.factory.load_run` on the run's dataset. Each requested user gets a history of at most
 ``window`` events (the run's ``--window``):
 
 * ``--users`` (dense dataset user indices) / ``--user-ids`` (the source's raw user ids): with
@@ -17,7 +17,9 @@ The run (``config.json``, ``llm/``, ``encoder.json``, latest checkpoint) is rebu
   keep their most recent ``window`` events.
 
 The prompt is the task's (the run's ``--task``), or ``--prompt QUESTION`` in its place; TextPrompt runs
-(and mixed-context runs) get the history rendered as text in the prompt exactly as in training.
+(and mixed-context runs) get the history rendered as text in the prompt. Prompts are rendered and
+tokenized by the run's :class:`~userllm.llm_data.LLMBatcher` (:func:`build_prompts`), the one prompt path
+of training, evaluation and generation.
 ReviewG needs the reviewed item: the split's target, or ``--item RAW_ID``.
 
 Decoding: User-LLM runs through :meth:`UserLLM.generate` (the user K/V are projected once per request),
@@ -34,7 +36,6 @@ Output: one JSON object per user, printed or written to ``--out FILE`` (JSON lin
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli, select_kernels
 from .errors import UserError
-from .text_prompt import ANSWER, HISTORY_HEADER, build_prompt, render_history
 from .utils.atomic import write_text
 
 SPLITS = ("all", "test", "val")
@@ -57,6 +57,7 @@ class Request:
 
     items: list[int]                       # item vocab ids, oldest first (<= window)
     ratings: list[int]                     # rating vocab ids (UNK 0 when unknown)
+    events: list[tuple]                    # (title, rating, categories) of each event, as the prompt renders it
     info: dict[str, Any] = field(default_factory=dict)   # user / user_id / name / reference ...
     target_item: int | None = None         # item vocab id of the reviewed item (reviewg)
 
@@ -66,13 +67,14 @@ def _last(rows: range, window: int) -> range:
     return range(max(rows.start, rows.stop - window), rows.stop)
 
 
-def dataset_requests(ds, task: str, window: int, users: Sequence[int], split: str) -> list[Request]:
-    """Requests for dense user indices: the most recent window (``all``) or the split's example."""
+def dataset_requests(batcher, window: int, users: Sequence[int], split: str) -> list[Request]:
+    """Requests for dense user indices of the run's dataset: the most recent window (``all``) or the
+    split's example (with its reference)."""
     from .data.examples import make_examples
-    from .llm_data import Catalogue
 
+    ds, task = batcher.ds, batcher.task
     examples = make_examples(ds, task, window, split) if split != "all" else None
-    catalogue = Catalogue.for_task(ds, task) if split != "all" else None
+    catalogue = batcher.catalogue if split != "all" else None
     out = []
     raw_ids = np.asarray(ds.events.user_ids)
     for u in users:
@@ -94,7 +96,8 @@ def dataset_requests(ds, task: str, window: int, users: Sequence[int], split: st
                 info["reference"] = catalogue.entries[entry] if entry >= 0 else None
         rows_arr = np.asarray(rows, dtype=np.int64)
         items = ds.features["item"][rows_arr].tolist()
-        out.append(Request(items, ds.features["rating"][rows_arr].tolist(), info,
+        out.append(Request(items, ds.features["rating"][rows_arr].tolist(),
+                           [batcher.renderer.event(r) for r in rows], info,
                            None if target is None else int(ds.features["item"][target])))
     return out
 
@@ -115,8 +118,9 @@ def resolve_users(ds, indices: Sequence[int], raw_ids: Sequence[str]) -> list[in
     return out
 
 
-def read_histories(path: str | Path, ds, window: int) -> list[Request]:
+def read_histories(path: str | Path, batcher, window: int) -> list[Request]:
     """Requests from a JSON file of histories (module docstring); UserError naming the file and the entry."""
+    ds = batcher.ds
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--histories {p}: no such file")
@@ -148,7 +152,9 @@ def read_histories(path: str | Path, ds, window: int) -> list[Request]:
                 raise UserError(f"{where}, event {pos}: unknown item id {raw!r} (not in the {ds.name} catalogue)")
             items.append(int(vid))
             ratings.append(int(rating_vocab.id(rating)) if rating is not None else 0)
-        out.append(Request(items[-window:], ratings[-window:], {"name": name}))
+        items, ratings = items[-window:], ratings[-window:]
+        out.append(Request(items, ratings, [batcher.renderer.event_from_ids(i, r) for i, r in zip(items, ratings)],
+                           {"name": name}))
     return out
 
 
@@ -176,37 +182,19 @@ def event_features(ds, requests: Sequence[Request]) -> tuple[list[torch.Tensor],
 
 
 # --------------------------------------------------------------------------------------------- prompts
-def _event_tuple(ds, item: int, rating: int) -> tuple[str, float | None, tuple[str, ...]]:
-    """(title, rating, categories) of an item vocab id, as :class:`PromptRenderer` renders an event."""
-    c = int(ds.item_index[item])
-    token = ds.vocabs["rating"].token(rating) if rating > 0 else None
-    return ds.events.items.titles[c], (float(token) if token is not None else None), tuple(ds.events.items.categories[c])
-
-
-def prompt_text(ds, task: str, req: Request, text_events: int | None, question: str | None,
-                category_word: str) -> str:
-    """The prompt of one request, rendered as in training (history text for TextPrompt / mixed context)."""
-    history = None
-    if text_events != 0:
-        n = len(req.items) if text_events is None else text_events
-        events = [_event_tuple(ds, i, r) for i, r in zip(req.items[-n:], req.ratings[-n:])]
-        history = render_history(events) if events else None
-    title = ds.item_titles([req.target_item])[0] if req.target_item is not None else None
-    if question is None:
-        if task == "reviewg" and title is None:
+def build_prompts(batcher, requests: Sequence[Request], question: str | None = None,
+                  reserve: int = 32) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, BOS + prompt token ids) of the requests, by the run's batcher as in training:
+    the task's question (or ``question``), the history as text for TextPrompt / mixed-context runs,
+    ``reserve`` tokens kept free for the generation within the LLM's context."""
+    ds = batcher.ds
+    texts = []
+    for r in requests:
+        title = ds.item_titles([r.target_item])[0] if r.target_item is not None else None
+        if question is None and batcher.task == "reviewg" and title is None:
             raise UserError("the reviewg task needs the reviewed item: use --split test|val or --item RAW_ID")
-        return build_prompt(task, history, category_word=category_word, item_title=title)
-    return f"{HISTORY_HEADER}\n{history}\n{question}\n{ANSWER}" if history else f"{question}\n{ANSWER}"
-
-
-def prompt_ids(tok, prompts: Sequence[str], max_length: int | None, reserve: int) -> list[list[int]]:
-    """BOS + prompt tokens; prompts longer than the LLM's context lose their oldest tokens (as in training)."""
-    out = []
-    for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]:
-        if max_length is not None and 1 + len(ids) + reserve > max_length:
-            ids = ids[len(ids) - max(0, max_length - 1 - reserve):]
-        out.append([tok.bos_token_id] + ids)
-    return out
+        texts.append(batcher.renderer.events_prompt(batcher.task, r.events, title, question))
+    return texts, batcher.encode_prompts(texts, reserve)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -223,13 +211,13 @@ class DecodeOptions:
 
 
 @torch.no_grad()
-def generate_batch(run, requests: Sequence[Request], prompts: Sequence[str], opts: DecodeOptions) -> list[dict]:
+def generate_batch(run, requests: Sequence[Request], prompt_ids: Sequence[Sequence[int]],
+                   opts: DecodeOptions) -> list[dict]:
     """Generations for one batch of requests: [{"generations": [...], "scores": [...] | None}, ...]."""
     from .decoding import HFStepper, UserLLMStepper, constrained_beam_search, left_pad
 
     tok, model, dev = run.tok, run.model, run.device
-    reserve = max(opts.max_new_tokens, 32)
-    ids, mask = left_pad(prompt_ids(tok, prompts, run.batcher.max_length, reserve), tok.pad_token_id)
+    ids, mask = left_pad(list(prompt_ids), tok.pad_token_id)
     ids, mask = ids.to(dev), mask.to(dev)
     feats = lengths = None
     if run.user_llm:
@@ -258,7 +246,7 @@ def generate_batch(run, requests: Sequence[Request], prompts: Sequence[str], opt
         if run.user_llm:
             out = model.generate(ids, mask, features=feats, lengths=lengths, **kwargs)
         else:
-            out = model.llm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            out = model.generate(ids, mask, **kwargs)
     new = out.sequences[:, ids.shape[1]:]
     texts = [tok.decode(x, skip_special_tokens=True).strip() for x in new.tolist()]
     scores = getattr(out, "sequences_scores", None)
@@ -271,16 +259,12 @@ def generate_batch(run, requests: Sequence[Request], prompts: Sequence[str], opt
 def generate(run, requests: Sequence[Request], opts: DecodeOptions, question: str | None = None,
              batch_size: int = 8) -> list[dict]:
     """One output record per request (module docstring), in request order."""
-    from .text_prompt import PromptRenderer
-
-    cfg, ds = run.cfg, run.ds
-    text_events = None if cfg.baseline == "textprompt" else cfg.text_events
-    category_word = PromptRenderer(ds).category_word
+    ds = run.ds
     records = []
     for a in range(0, len(requests), batch_size):
         chunk = list(requests[a:a + batch_size])
-        prompts = [prompt_text(ds, cfg.task, r, text_events, question, category_word) for r in chunk]
-        for r, p, g in zip(chunk, prompts, generate_batch(run, chunk, prompts, opts)):
+        prompts, ids = build_prompts(run.batcher, chunk, question, reserve=max(opts.max_new_tokens, 32))
+        for r, p, g in zip(chunk, prompts, generate_batch(run, chunk, ids, opts)):
             rec = {**r.info, "history": [str(x) for x in ds.events.items.raw_ids[ds.item_index[r.items]]],
                    "prompt": p, **g}
             if rec["scores"] is None:
@@ -290,14 +274,8 @@ def generate(run, requests: Sequence[Request], opts: DecodeOptions, question: st
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{message}\n{self.format_usage().strip()}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m userllm.generate", description=__doc__.split("\n\n")[0],
-                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m userllm.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", help="a run directory written by python -m userllm.train")
     who = ap.add_argument_group("users (at least one of)")
     who.add_argument("--users", type=int, nargs="+", default=[], metavar="INDEX", help="dataset user indices")
@@ -308,20 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "(with its reference)")
     ap.add_argument("--prompt", default=None, help="question replacing the task's (default: the run's task prompt)")
     ap.add_argument("--item", default=None, help="reviewg: raw id of the item to review (--split all / histories)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens at most (not constrained)")
     ap.add_argument("--num-beams", type=int, default=1, help="beam search when > 1")
     ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="with --do-sample: softmax temperature (> 0; lower = more greedy)")
+    ap.add_argument("--top-k", type=int, default=50, help="with --do-sample: sample among the k likeliest tokens")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="with --do-sample: nucleus sampling, the smallest set of tokens of probability >= p "
+                         "(1 = off)")
     ap.add_argument("--num-return", type=int, default=1, help="sequences returned per user")
     ap.add_argument("--constrained", action="store_true",
                     help="trie-constrained beam search over the catalogue (nextitem / favgenre)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="users decoded together")
     ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
     ap.add_argument("--device", default=None, help="override the run's --device")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the run's rule)")
     ap.add_argument("--out", default=None, help="write JSON lines here instead of printing them")
     return ap
 
@@ -348,16 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_options(args, opts)
     if not Path(args.run_dir).is_dir():
         raise UserError(f"{args.run_dir}: no such run directory")
-    from .evaluate import load_run
+    from .factory import load_run
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
+    select_kernels(run.cfg, run.device)
     if opts.constrained and run.batcher.catalogue is None:
         raise UserError(f"--constrained needs a catalogue task (nextitem / favgenre); this run's task is "
                         f"{run.cfg.task}")
     ds, window = run.ds, run.cfg.window
-    requests = dataset_requests(ds, run.cfg.task, window, resolve_users(ds, args.users, args.user_ids), args.split)
+    requests = dataset_requests(run.batcher, window, resolve_users(ds, args.users, args.user_ids), args.split)
     if args.histories:
-        requests += read_histories(args.histories, ds, window)
+        requests += read_histories(args.histories, run.batcher, window)
     if args.item is not None:
         vid = ds.vocabs["item"].id(args.item)
         if vid == 0:

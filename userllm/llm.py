@@ -197,7 +197,7 @@ def pretrain_default_llm(model, tok, texts: Sequence[str], config: LMPretrainCon
     """
     import time
 
-    from .training import cosine_with_warmup, optimizer_step, progress
+    from .loop import cosine_with_warmup, optimizer_step, progress
 
     cfg = config or LMPretrainConfig()
     stream = corpus_token_stream(list(texts), tok, cfg.seed)

@@ -49,6 +49,10 @@ class LLMBatch:
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        labels=self.labels.to(device), events=None if self.events is None else self.events.to(device))
 
+    def model_inputs(self) -> dict:
+        """The keyword arguments of the model's forward (UserLLM or TextPrompt), without the labels."""
+        return _model_inputs(self)
+
     @property
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
@@ -71,6 +75,17 @@ class PromptBatch:
     def to(self, device) -> "PromptBatch":
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        events=None if self.events is None else self.events.to(device))
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of the model's forward / ``generate`` (UserLLM or TextPrompt)."""
+        return _model_inputs(self)
+
+
+def _model_inputs(batch) -> dict:
+    kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if batch.events is not None:
+        kw.update(features=batch.events.features, lengths=batch.events.lengths)
+    return kw
 
 
 @dataclass
@@ -158,15 +173,23 @@ class LLMBatcher:
             self._target_cache.update(zip(missing, self._encode([target_text(r) for r in missing])))
         return [self._target_cache[r] for r in refs]
 
-    def _prompt_ids(self, events: EventBatch, reserve: Sequence[int]) -> list[list[int]]:
-        """BOS + prompt tokens per row; ``reserve[b]`` tokens are kept free for the target."""
+    def encode_prompts(self, prompts: Sequence[str], reserve: Sequence[int] | int) -> list[list[int]]:
+        """BOS + prompt tokens per prompt; ``reserve[b]`` tokens are kept free for the target / generation
+        (prompts longer than the LLM's context lose their oldest tokens). The one tokenization of prompts:
+        training, evaluation and generation all go through it."""
+        if isinstance(reserve, int):
+            reserve = [reserve] * len(prompts)
         bos = self.tok.bos_token_id
         out = []
-        for ids, r in zip(self._encode(self.prompts(events)), reserve):
+        for ids, r in zip(self._encode(prompts), reserve):
             if self.max_length is not None and 1 + len(ids) + r > self.max_length:
                 ids = ids[len(ids) - max(0, self.max_length - 1 - r):]
             out.append([bos] + ids)
         return out
+
+    def _prompt_ids(self, events: EventBatch, reserve: Sequence[int]) -> list[list[int]]:
+        """BOS + prompt tokens per row; ``reserve[b]`` tokens are kept free for the target."""
+        return self.encode_prompts(self.prompts(events), reserve)
 
     # ------------------------------------------------------------------ batches
     def train_batch(self, events: EventBatch) -> LLMBatch:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 UNK_ID = 0
+KS = (1, 5, 10)  # the Recall@k cut-offs every table reports (the paper's)
 
 
 def seen_mask(history: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ def ndcg_at_k(ranks: torch.Tensor, k: int) -> float:
     return float(torch.where(ranks < k, gain, torch.zeros_like(gain)).mean())
 
 
-def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10), ndcg_ks: Sequence[int] = (10,)
+def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = KS, ndcg_ks: Sequence[int] = (10,)
                        ) -> dict[str, float]:
     """{"recall@k" for k in ks, "ndcg@k" for k in ndcg_ks, "count"}."""
     out = {f"recall@{k}": recall_at_k(ranks, k) for k in ks}

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-TASKS = ("nextitem", "favgenre", "reviewg")
+from .data.examples import TASKS
 
 HISTORY_HEADER = "History:"
 ANSWER = "Answer:"
@@ -71,9 +71,11 @@ def task_question(task: str, *, category_word: str = "genre", item_title: str | 
 
 
 def build_prompt(task: str, history: str | None = None, *, category_word: str = "genre",
-                 item_title: str | None = None) -> str:
-    """The full prompt text (without BOS): optional history block, question, ``"Answer:"``."""
-    q = task_question(task, category_word=category_word, item_title=item_title)
+                 item_title: str | None = None, question: str | None = None) -> str:
+    """The full prompt text (without BOS): optional history block, question (the task's, or ``question``),
+    ``"Answer:"``."""
+    q = question if question is not None else task_question(task, category_word=category_word,
+                                                            item_title=item_title)
     if history:
         return f"{HISTORY_HEADER}\n{history}\n{q}\n{ANSWER}"
     return f"{q}\n{ANSWER}"
@@ -111,20 +113,38 @@ class PromptRenderer:
         return "genre" if getattr(self.ds, "name", "") in ("movielens", "synthetic") else "category"
 
     def event(self, row: int) -> tuple[str, float | None, tuple[str, ...]]:
+        """(title, rating, categories) of sorted event ``row``."""
         ev = self.ds.events
         item = int(ev.item[row])
         return ev.items.titles[item], float(ev.rating[row]), tuple(ev.items.categories[item])
 
-    def history(self, start: int, end: int) -> str:
-        """The rendered events of sorted rows ``[start, end)`` limited to the last ``text_events``."""
-        if self.text_events is not None:
-            start = max(start, end - self.text_events)
-        return render_history(self.event(r) for r in range(start, end))
+    def event_from_ids(self, item: int, rating: int) -> tuple[str, float | None, tuple[str, ...]]:
+        """(title, rating, categories) of an event given by its item and rating vocab ids (a history that
+        is not in the dataset, e.g. ``python -m userllm.generate --histories``)."""
+        c = int(self.ds.item_index[item])
+        token = self.ds.vocabs["rating"].token(rating) if rating > 0 else None
+        items = self.ds.events.items
+        return items.titles[c], (float(token) if token is not None else None), tuple(items.categories[c])
+
+    def events_prompt(self, task: str, events: Sequence[tuple[str, float | None, Sequence[str]]],
+                      item_title: str | None = None, question: str | None = None) -> str:
+        """The prompt of a window of ``events`` (oldest first; the last ``text_events`` of them rendered as
+        text); ``item_title``: the reviewed item (reviewg); ``question``: in place of the task's."""
+        events = list(events)
+        hist = None
+        if self.text_events != 0:
+            shown = events if self.text_events is None else events[len(events) - min(self.text_events,
+                                                                                          len(events)):]
+            hist = render_history(shown)
+        return build_prompt(task, hist, category_word=self.category_word, item_title=item_title, question=question)
 
     def prompt(self, task: str, start: int, target_row: int) -> str:
-        hist = self.history(start, target_row) if self.text_events != 0 else None
+        """The prompt of the example whose window is sorted rows ``[start, target_row)``."""
         title = self.event(target_row)[0] if task == "reviewg" else None
-        return build_prompt(task, hist, category_word=self.category_word, item_title=title)
+        first = start if self.text_events is None else max(start, target_row - self.text_events)
+        if self.text_events == 0:
+            first = target_row
+        return self.events_prompt(task, [self.event(r) for r in range(first, target_row)], title)
 
     def prompts(self, task: str, starts: Sequence[int], rows: Sequence[int]) -> list[str]:
         return [self.prompt(task, int(s), int(r)) for s, r in zip(starts, rows)]

@@ -65,8 +65,8 @@ def step(model: UserLLM, backend: str, seed: int):
 # The custom ops each backend must have run (the native library has no attention ops).
 EXPECTED_OPS = {
     "triton": {"userllm::triton_embedding_concat", "userllm::triton_embedding_concat_backward",
-               "userllm::triton_latent_cross_attention", "userllm::triton_latent_attention_backward",
-               "userllm::triton_cached_cross_attention", "userllm::triton_attention_backward"},
+               "userllm::triton_latent_cross_attention", "userllm::triton_latent_cross_attention_backward",
+               "userllm::triton_cached_cross_attention", "userllm::triton_cached_cross_attention_backward"},
     "native": {"userllm_native::embedding_concat", "userllm_native::embedding_concat_backward"},
 }
 BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(
@@ -77,7 +77,7 @@ BACKENDS = ["triton", pytest.param("native", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fused_step_matches_reference(backend, seed):
     if backend == "triton" and not torch.cuda.is_available():
-        from userllm.kernels.cached_attention import INTERPRETED
+        from userllm.kernels.ops.attention import INTERPRETED
         if not INTERPRETED:
             pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
     model = build_model()

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from userllm.errors import UserError
 from userllm.integration import UserLLM, UserLLMConfig
 from userllm.integration.testing import ToyEncoder, open_gates, single_thread, tiny_llm, toy_features
 
@@ -96,11 +95,11 @@ def test_encoder_mask_must_be_right_padded():
         model.encode_users(feats, lens)
 
 
-def test_bad_configs_are_user_errors():
+def test_bad_configs_are_value_errors():
     for bad in (dict(integration="prefix"), dict(xattn_every=0), dict(perceiver_latents=-1), dict(dropout=1.5)):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             UserLLMConfig(**bad)
-    with pytest.raises(UserError, match="xattn layers"):
+    with pytest.raises(ValueError, match="xattn layers"):
         UserLLM(tiny_llm("llama"), ToyEncoder([20, 5]), UserLLMConfig(xattn_layers=(5,)))
     with pytest.raises(ValueError, match="encoder width"):
         UserLLM(tiny_llm("llama"), torch.nn.Linear(2, 2), UserLLMConfig())

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from userllm.errors import UserError
 from userllm.integration import UserLLM, UserLLMConfig, apply_strategy, find_decoder_layers, parameter_groups
 from userllm.integration.strategies import lora_target_modules
 from userllm.integration.testing import ToyEncoder, single_thread, tiny_llm, toy_features
@@ -122,6 +121,6 @@ def test_pretraining_heads_are_frozen_and_every_trainable_parameter_gets_a_gradi
     assert not missing
 
 
-def test_unknown_strategy_is_a_user_error():
-    with pytest.raises(UserError, match="strategy"):
+def test_unknown_strategy_is_a_value_error():
+    with pytest.raises(ValueError, match="strategy"):
         apply_strategy(make_model("llama", "xattn"), "adapters")

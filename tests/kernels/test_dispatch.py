@@ -18,12 +18,13 @@ def _clean_switch(monkeypatch):
 
 
 def test_public_api():
-    assert set(kernels.__all__) == {*OPS, "use_backend", "get_backend"}
+    assert set(kernels.__all__) == {*OPS, "use_backend", "get_backend", "select_backend"}
     for name in OPS:
         assert callable(getattr(kernels, name))
-    # importing the Triton module must not replace the public op
-    from userllm.kernels.embedding import embedding_concat as triton_impl  # noqa: F401
-    assert kernels.embedding_concat is dispatch.embedding_concat
+    # importing the Triton modules (named like the ops) must not replace the public ops
+    from userllm.kernels.ops import cached_cross_attention, embedding_concat, latent_cross_attention  # noqa: F401
+    for name in OPS:
+        assert getattr(kernels, name) is getattr(dispatch, name)
 
 
 def test_environment_variable_and_use_backend(monkeypatch):
@@ -94,3 +95,65 @@ def test_calls_reach_the_selected_implementation(monkeypatch):
             out = kernels.cached_cross_attention(q, kv, kv, lens)
         assert len(calls) == 1  # the Triton op, not the reference
         assert torch.allclose(out, real(q, kv, kv, lens), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["reference", "cuda_triton", "cuda_no_triton", "cpu_native", "cpu_no_native"])
+def test_select_backend_sets_the_switch_and_names_the_path(monkeypatch, case):
+    """The run-level choice of --fused-kernels: what it sets and the line it returns."""
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: case != "cuda_no_triton")
+    monkeypatch.setattr(dispatch, "native_available", lambda device_type="cpu": case == "cpu_native")
+    device = torch.device("cuda" if case.startswith("cuda") else "cpu")
+    line = kernels.select_backend(case != "reference", device)
+    want = {"reference": ("reference", "PyTorch reference ops"), "cuda_triton": ("triton", "fused Triton"),
+            "cuda_no_triton": ("reference", "not installed"), "cpu_native": ("native", "native C++"),
+            "cpu_no_native": ("reference", "not built")}[case]
+    assert kernels.get_backend() == want[0]
+    assert line.startswith("kernels: ") and want[1] in line and "\n" not in line
+
+
+def test_no_import_circle_inside_kernels():
+    """The modules of kernels/ import each other without a cycle (an op module must not import the
+    dispatcher that imports it); read from the source with ast, lazy imports inside functions included
+    (edges to an enclosing package are left out: it is always mid-import when its submodule runs)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(dispatch.__file__).resolve().parent
+    modules, packages = {}, {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+            packages[".".join(parts)] = parts
+        else:
+            packages[".".join(parts)] = parts[:-1]
+        modules[".".join(parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = packages[name][:len(packages[name]) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                for c in [target] + [f"{target}.{a.name}".lstrip(".") for a in node.names]:
+                    # an enclosing package is already being imported when its submodule runs: no edge
+                    if c in modules and c != name and not name.startswith(f"{c}.") and c != "":
+                        deps.add(c)
+        graph[name] = deps
+    # the parse sees the edges (the lazy op imports of dispatch too)
+    assert "dispatch" in graph[""] and {"env", "ops.cached_cross_attention"} <= graph["dispatch"], graph
+    assert graph["ops.cached_cross_attention"] == {"ops.attention"} and "env" in graph["ops.attention"], graph
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        if state.get(node) == 1:
+            raise AssertionError("import circle: " + " -> ".join(trail + [node]))
+        if state.get(node) != 2:
+            state[node] = 1
+            for dep in sorted(graph[node]):
+                visit(dep, trail + [node])
+            state[node] = 2
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert "dispatch" not in set().union(*(graph[m] for m in graph if m.startswith("ops")))

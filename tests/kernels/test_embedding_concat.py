@@ -12,7 +12,7 @@ import torch
 from precision import check_op
 from userllm import kernels
 from userllm.kernels import dispatch, reference
-from userllm.kernels.embedding import embedding_concat as triton_embedding_concat
+from userllm.kernels.ops.embedding_concat import embedding_concat as triton_embedding_concat
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def make_features(B, L, specs, dtype, seed=0, device=DEVICE):

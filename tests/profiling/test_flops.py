@@ -144,8 +144,8 @@ def test_fused_attention_ops_are_counted_like_sdpa():
     checks the FLOP formulas and their registration without a GPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from userllm.kernels.cached_attention import cached_cross_attention as triton_cached
-    from userllm.kernels.latent_attention import latent_cross_attention as triton_latent
+    from userllm.kernels.ops.cached_cross_attention import cached_cross_attention as triton_cached
+    from userllm.kernels.ops.latent_cross_attention import latent_cross_attention as triton_latent
 
     B, T, Hq, Hkv, N, D = 2, 3, 4, 2, 5, 16
     lengths = [5, 2]

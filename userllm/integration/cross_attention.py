@@ -5,8 +5,10 @@ A :class:`GatedCrossAttentionBlock` runs right before chosen decoder layers of a
     h = h + tanh(attn_gate) * o_proj(cached_cross_attention(q_proj(LN(h)), K_user, V_user, kv_lengths))
     h = h + tanh(ffn_gate)  * FFN(LN(h))
 
-Both gates start at 0, so at initialisation the LLM computes exactly what it computed without the user
-side. Keys are masked by the user lengths (never causally: every text token may read every event). A row
+Both gates start at ``gate_init``. At 0 (the block's default, Flamingo's choice, and what
+``python -m userllm.train`` uses with a pretrained ``--llm``) tanh(0) = 0 and the LLM computes exactly what
+it computed without the user side; the embedded random LLM starts them slightly open (0.1, see
+:attr:`userllm.config.TrainConfig.gate_init`). Keys are masked by the user lengths (never causally: every text token may read every event). A row
 without history (kv_length 0) leaves its hidden states untouched.
 
 The blocks are attached to the decoder layers with forward pre-hooks (:func:`attach_cross_attention`)

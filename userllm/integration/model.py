@@ -18,8 +18,6 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from userllm.errors import UserError
-
 from .cross_attention import CrossAttentionHook, GatedCrossAttentionBlock, attach_cross_attention
 from .layers import (UserContext, UserProjection, find_decoder_layers, lengths_from_mask, llm_hidden_size,
                      llm_num_heads)
@@ -59,16 +57,16 @@ class UserLLMConfig:
 
     def __post_init__(self):
         if self.integration not in INTEGRATIONS:
-            raise UserError(f"integration must be one of {INTEGRATIONS}, got {self.integration!r}")
+            raise ValueError(f"integration must be one of {INTEGRATIONS}, got {self.integration!r}")
         if self.xattn_every < 1:
-            raise UserError(f"xattn_every must be >= 1, got {self.xattn_every}")
+            raise ValueError(f"xattn_every must be >= 1, got {self.xattn_every}")
         if self.perceiver_latents < 0 or self.perceiver_layers < 1:
-            raise UserError(f"perceiver needs latents >= 0 and layers >= 1, got {self.perceiver_latents}, "
+            raise ValueError(f"perceiver needs latents >= 0 and layers >= 1, got {self.perceiver_latents}, "
                             f"{self.perceiver_layers}")
         if self.task_prompt_len < 0:
-            raise UserError(f"task_prompt_len must be >= 0, got {self.task_prompt_len}")
+            raise ValueError(f"task_prompt_len must be >= 0, got {self.task_prompt_len}")
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must lie in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.xattn_layers is not None:
             self.xattn_layers = tuple(int(i) for i in self.xattn_layers)
 
@@ -140,7 +138,7 @@ class UserLLM(nn.Module):
             indices = list(config.xattn_layers) if config.xattn_layers is not None else list(
                 range(0, len(layers), config.xattn_every))
             if not indices or any(not 0 <= i < len(layers) for i in indices) or len(set(indices)) != len(indices):
-                raise UserError(f"xattn layers {indices} are not distinct indices of the {len(layers)} decoder layers")
+                raise ValueError(f"xattn layers {indices} are not distinct indices of the {len(layers)} decoder layers")
             heads = config.xattn_heads or default_heads
             for _ in indices:
                 self.xattn.append(GatedCrossAttentionBlock(d_llm, heads, config.xattn_kv_heads,

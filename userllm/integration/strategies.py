@@ -1,4 +1,5 @@
-"""Training strategies: which parameters of a :class:`~userllm.integration.model.UserLLM` train.
+"""Training strategies: which parameters of a :class:`~userllm.integration.model.UserLLM` (or of the
+:class:`~userllm.integration.baseline.TextPromptModel`, which has only ``llm``: full or lora) train.
 
     full : everything (LLM, encoder, projection/integration layers)
     lora : LoRA adapters on the LLM's decoder-layer linear maps + encoder + projection/integration;
@@ -22,8 +23,6 @@ from collections import defaultdict
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-from userllm.errors import UserError
 
 from .layers import find_decoder_layers
 
@@ -64,10 +63,14 @@ def has_lora(model: nn.Module) -> bool:
 
 def apply_strategy(model: nn.Module, strategy: str, lora_r: int = 8, lora_alpha: int = 16,
                    lora_dropout: float = 0.05) -> nn.Module:
-    """Set ``requires_grad`` on ``model`` (a UserLLM) for ``strategy``; ``lora`` first injects adapters
-    into ``model.llm`` in place (module tree otherwise unchanged). Returns ``model``."""
+    """Set ``requires_grad`` on ``model`` (a UserLLM or a TextPromptModel) for ``strategy``; ``lora`` first
+    injects adapters into ``model.llm`` in place (module tree otherwise unchanged). Returns ``model``.
+    Raises ValueError for an unknown strategy, or one that needs the user side on a model without it."""
     if strategy not in STRATEGIES:
-        raise UserError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    encoder = getattr(model, "encoder", None)
+    if encoder is None and strategy not in ("full", "lora"):
+        raise ValueError(f"strategy {strategy!r} trains the user side, which {type(model).__name__} does not have")
     if strategy == "lora" and not has_lora(model):
         targets, conv1d = lora_target_modules(model.llm)
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
@@ -77,8 +80,9 @@ def apply_strategy(model: nn.Module, strategy: str, lora_r: int = 8, lora_alpha:
     train_encoder = strategy in ("full", "lora", "enc")
     for name, p in model.llm.named_parameters():
         p.requires_grad_(train_llm or (strategy == "lora" and "lora_" in name))
-    for name, p in model.encoder.named_parameters():
-        p.requires_grad_(train_encoder and not pretraining_only(name, model.encoder))
+    if encoder is not None:
+        for name, p in encoder.named_parameters():
+            p.requires_grad_(train_encoder and not pretraining_only(name, encoder))
     for group in INTEGRATION_GROUPS:
         module = getattr(model, group, None)
         if module is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,8 +43,21 @@ def write_text(dest: str | os.PathLike, text: str) -> None:
     write_bytes(dest, text.encode("utf-8"))
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None: JSON has no such numbers,
+    and Python's ``json`` would write the bare, invalid tokens ``NaN`` / ``Infinity``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def write_json(dest: str | os.PathLike, obj: Any) -> None:
-    write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as strict JSON (non-finite floats become null; see :func:`jsonable`)."""
+    write_text(dest, json.dumps(jsonable(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def save_safetensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -14,7 +14,7 @@ from ...errors import UserError
 from ..events import EventTable
 from .amazon import read_amazon, read_amazon_meta
 from .google_local import read_google_local, read_google_local_meta
-from .movielens import detect_movielens_format, read_movielens
+from .movielens import detect_movielens_format, read_movielens, read_movielens_tags
 
 READERS = {
     "movielens": read_movielens,
@@ -44,4 +44,5 @@ __all__ = [
     "read_google_local",
     "read_google_local_meta",
     "read_movielens",
+    "read_movielens_tags",
 ]

@@ -43,6 +43,7 @@ NO_GENRE = frozenset({"(no genres listed)", "unknown"})
 
 _RATINGS = [("userId", pa.int64()), ("movieId", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64())]
 _MOVIES = [("movieId", pa.int64()), ("title", pa.string()), ("genres", pa.string())]
+_TAGS = [("userId", pa.int64()), ("movieId", pa.int64()), ("tag", pa.string()), ("timestamp", pa.int64())]
 # A byte that never occurs in MovieLens text: "::" is rewritten to it so pyarrow can split the .dat files.
 _SEP = "\x1f"
 
@@ -104,6 +105,28 @@ def read_movielens(path: str | os.PathLike) -> EventTable:
         catalog_for=catalog_for,
         meta={"source": "movielens", "format": fmt, "path": str(directory), "files": files},
     )
+
+
+def read_movielens_tags(path: str | os.PathLike) -> pa.Table | None:
+    """The release's tag applications (``tags.csv``, or ``tags.dat`` in ml-10m), else None (ml-1m, ml-100k).
+
+    Returns an Arrow table with columns userId int64, movieId int64 (the raw MovieLens ids, as in
+    ``ratings``), tag string (stripped; empty tags dropped), timestamp int64, in file order. Not part of
+    :func:`read_movielens`: only the journeys' name references use tags (``userllm.journeys``).
+    Raises DataError (file, line) for malformed rows.
+    """
+    fmt, directory = detect_movielens_format(path)
+    if fmt == "csv" and (directory / "tags.csv").is_file():
+        tags_path = directory / "tags.csv"
+        table = read_delimited(tags_path, CsvSpec(_TAGS, header=True), data=read_small_text_bytes(tags_path))
+    elif fmt == "dat" and (directory / "tags.dat").is_file():
+        tags_path = directory / "tags.dat"
+        table = read_delimited(tags_path, CsvSpec(_TAGS, delimiter=_SEP, quoting=False),
+                               data=_dat_bytes(tags_path, small=True))
+    else:
+        return None
+    tag = pc.utf8_trim_whitespace(table.column("tag"))
+    return table.set_column(2, "tag", tag).filter(pc.not_equal(tag, ""))
 
 
 def _dat_bytes(path: Path, small: bool) -> bytes:

@@ -9,7 +9,8 @@ import torch
 
 from attention_checks import assert_matches_reference
 from userllm import kernels
-from userllm.kernels import latent_attention, reference
+from userllm.kernels import reference
+from userllm.kernels.ops import latent_cross_attention as latent_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -9,7 +9,8 @@ import torch
 
 from attention_checks import assert_matches_reference
 from userllm import kernels
-from userllm.kernels import cached_attention, reference
+from userllm.kernels import reference
+from userllm.kernels.ops import cached_cross_attention as cached_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

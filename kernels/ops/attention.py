@@ -1,9 +1,10 @@
-"""Triton cross-attention over a padded K/V cache (grouped-query), with autograd and torch.library registration.
+"""Triton masked cross-attention shared by both attention ops: kernels, launchers, input checks and the one
+``torch.library`` registration helper.
 
-Public entry point: :func:`cached_cross_attention` (same signature and semantics as
-:func:`userllm.kernels.reference.cached_cross_attention`). The two kernels here are also the engine of
-:mod:`userllm.kernels.latent_attention` (latents = queries with one head per KV head and, when shared,
-a batch stride of 0).
+The two public ops are thin files over this module, one registration call and one checked entry point
+each: :mod:`userllm.kernels.cached_cross_attention` (text queries over a grouped-query K/V cache) and
+:mod:`userllm.kernels.latent_cross_attention` (Perceiver latents = queries with one head per KV head and,
+when shared by the batch, a batch stride of 0). Their specification is :mod:`userllm.kernels.reference`.
 
 Design
 ------
@@ -21,18 +22,22 @@ Backward (``_attn_bwd_kernel``), one program per (batch, KV head, block of BLOCK
   * dQ = dS K is accumulated with fp32 ``atomic_add``: at most ceil(len / BLOCK_N) programs (<= 4 at
     the N <= 200 of this project) touch one dQ element, so contention is negligible and it saves a second
     pass over K/V. Keys at positions >= len get exactly zero gradient.
+  * Shared queries [T, H, D] (the latents): their gradient is a reduction over the batch. The kernel
+    accumulates per-batch fp32 partials [B, T, H, D] (atomics only among the <= ceil(N / BLOCK_N)
+    key-block programs of one (b, h)), and one ``sum(0)`` reduces them deterministically. Accumulating
+    straight into [T, H, D] would make B programs (1024 in the paper's setting) collide on every element
+    and make the result run-to-run nondeterministic, for a saving of only B*T*H*D*4 bytes.
 fp32 inputs use ``input_precision="ieee"`` dots (no TF32) so fp32 results match the reference to ~1e-6.
 """
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreter_requested
-from .reference import check_lengths
+from ..env import interpreter_requested
+from ..reference import check_lengths
 
 #: True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors).
 INTERPRETED = interpreter_requested()
@@ -287,13 +292,19 @@ def check_lengths_unless_capturing(kv_lengths: torch.Tensor, batch: int, n: int,
     check_lengths(kv_lengths, batch, n, op)
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> None:
-    """Shape/dtype checks that need no device sync (safe while torch.compile traces the caller)."""
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, *,
+                           shared_queries: bool, grouped: bool) -> None:
+    """Shape/dtype checks that need no device sync (safe while torch.compile traces the caller).
+
+    q: [B, T, Hq, D], or also [T, Hq, D] when ``shared_queries``; k, v: [B, N, Hkv, D] with Hq % Hkv == 0
+    when ``grouped``, else Hq == Hkv.
+    """
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"{op}: k and v must both be [B, N, H, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.dim() != 4 and not (q.dim() == 3 and op == "latent_cross_attention"):
+    if q.dim() != 4 and not (q.dim() == 3 and shared_queries):
         raise ValueError(f"{op}: bad query shape {tuple(q.shape)}")
-    if q.shape[-1] != k.shape[-1] or q.shape[-2] % k.shape[2] != 0 or (q.dim() == 4 and q.shape[0] != k.shape[0]):
+    heads_ok = q.shape[-2] % k.shape[2] == 0 if grouped else q.shape[-2] == k.shape[2]
+    if q.shape[-1] != k.shape[-1] or not heads_ok or (q.dim() == 4 and q.shape[0] != k.shape[0]):
         raise ValueError(f"{op}: queries {tuple(q.shape)} do not match keys {tuple(k.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise TypeError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -301,56 +312,54 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op
         raise ValueError(f"{op}: q, k, v must be on one device")
 
 
+def softmax_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale: ``scale``, or 1/sqrt(D) for q [..., D]."""
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
 # ------------------------------------------------------------------------------- torch.library registration
 
-@torch.library.custom_op("userllm::triton_cached_cross_attention", mutates_args=())
-def _cached_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    check_lengths_unless_capturing(kv_lengths, k_cache.shape[0], k_cache.shape[1], "cached_cross_attention")
-    return attention_forward(q, k_cache, v_cache, kv_lengths.to(q.device), scale)
+def register_attention_op(op: str):
+    """Register ``userllm::triton_{op}`` (q, k, v, kv_lengths, scale) -> (out, lse) and its backward
+    ``userllm::triton_{op}_backward`` as ``torch.library`` custom ops with fake (meta) implementations and
+    autograd, and return the forward op. Shapes as in :func:`attention_forward` (q may be shared, [T, Hq, D]).
 
-
-@_cached_op.register_fake
-def _(q, k_cache, v_cache, kv_lengths, scale):
-    B, T, Hq, D = q.shape
-    return q.new_empty((B, T, Hq, D)), q.new_empty((B, T, Hq), dtype=torch.float32)
-
-
-@torch.library.custom_op("userllm::triton_attention_backward", mutates_args=())
-def _attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           kv_lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(grad, q, k, v, kv_lengths.to(q.device), out, lse, scale)
-
-
-@_attention_backward_op.register_fake
-def _(grad, q, k, v, kv_lengths, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lengths, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, kv_lengths, out, lse)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, kv_lengths, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.userllm.triton_attention_backward(grad_out, q, k, v, kv_lengths, out, lse, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_cached_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def cached_cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
-    """Triton version of :func:`userllm.kernels.reference.cached_cross_attention`.
-
-    q: [B, T, Hq, D]; k_cache, v_cache: [B, N, Hkv, D], Hq % Hkv == 0; kv_lengths: int [B] in [0, N].
-    Returns [B, T, Hq, D] in q's dtype; differentiable w.r.t. q, k_cache and v_cache.
+    Custom ops make the kernels opaque nodes that ``torch.compile`` traces with ``fullgraph=True`` (the
+    fake implementations give the output shapes) instead of tracing into the Triton launcher.
     """
-    check_attention_inputs(q, k_cache, v_cache, "cached_cross_attention")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.userllm.triton_cached_cross_attention(q, k_cache, v_cache, kv_lengths, scale)[0]
+
+    @torch.library.custom_op(f"userllm::triton_{op}", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # the value check runs here, outside any traced graph (it syncs the device)
+        check_lengths_unless_capturing(kv_lengths, k.shape[0], k.shape[1], op)
+        return attention_forward(q, k, v, kv_lengths.to(k.device), scale)
+
+    @forward.register_fake
+    def _(q, k, v, kv_lengths, scale):
+        B, (T, Hq, D) = k.shape[0], q.shape[-3:]
+        return q.new_empty((B, T, Hq, D)), q.new_empty((B, T, Hq), dtype=torch.float32)
+
+    @torch.library.custom_op(f"userllm::triton_{op}_backward", mutates_args=())
+    def backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    kv_lengths: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return attention_backward(grad, q, k, v, kv_lengths.to(k.device), out, lse, scale)
+
+    @backward_op.register_fake
+    def _(grad, q, k, v, kv_lengths, out, lse, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, kv_lengths, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, kv_lengths, out, lse)
+        ctx.scale = scale
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, kv_lengths, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, q, k, v, kv_lengths, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    return forward

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreter_requested
-from .reference import check_embedding_inputs
+from ..env import interpreter_requested
+from ..reference import check_embedding_inputs
 
 #: True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors).
 INTERPRETED = interpreter_requested()

@@ -1,0 +1,101 @@
+"""python -m userllm.explore end to end on tiny synthetic settings, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from userllm.cli import run_cli
+from userllm.explore.__main__ import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_args(cache: Path, out: Path, **over) -> list[str]:
+    opts = dict(synthetic_users=40, synthetic_items=40, synthetic_events=20, window=4, clusters=6,
+                follow_up=2, pretrain_steps=4, pretrain_window=8, encoder_dim=16, encoder_layers=1, llm_hidden=32,
+                llm_layers=1, tokenizer_vocab=400, llm_pretrain_steps=0, novelty_steps=4, aligned_steps=4,
+                batch_size=8, n_values="1,2,4", eval_batch_size=8, seeds=2, threads=1, cache_dir=cache, out=out)
+    opts.update(over)
+    return [x for k, v in opts.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
+    out = tmp_path / "run"
+    assert run_cli(main, tiny_args(cache, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    methods = {"random", "popular", "greedy", "aligned-all", "best-of-1", "best-of-2", "best-of-4"}
+    assert set(metrics["mean"]) == methods
+    assert metrics["seeds"] == [0, 1] and len(metrics["per_seed"]) == 2
+    for m, r in metrics["mean"].items():
+        assert 0.0 <= r["hit"]["mean"] <= 1.0 and len(r["hit"]["values"]) == 2
+        assert r["distinct"]["mean"] >= 1
+    # Cost grows with n; scoring everything new costs one pass per new cluster; baselines cost nothing.
+    cost = {m: metrics["mean"][m]["passes"]["mean"] for m in methods}
+    assert cost["best-of-1"] < cost["best-of-2"] < cost["best-of-4"] and cost["random"] == 0
+    assert isinstance(metrics["target"]["met"], bool)
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| best-of-4 |" in (out / "table.md").read_text()
+    labels = json.loads((out / "seed_0" / "clusters.json").read_text())["labels"]
+    rows = [json.loads(line) for line in (out / "seed_0" / "picks.jsonl").read_text().splitlines()]
+    assert rows and len(rows) == metrics["per_seed"][0]["data"]["test_users"]
+    for r in rows:
+        assert r["target_label"] not in r["recent"]            # the target is novel for the user
+        for m, c in r["picks"].items():                         # every method picks a cluster new for the user
+            assert labels[c] not in r["recent"], (m, r)
+        scores = {int(c): s for c, s in r["aligned_all"].items()}
+        assert set(scores) == {c for c in range(len(labels)) if labels[c] not in r["recent"]}
+        assert scores[r["picks"]["aligned-all"]] == max(scores.values())
+        for n in (2, 4):                                        # best-of-n picks the top-scored sample
+            best = max(scores[c] for c in r["samples"][str(n)])
+            assert scores[r["picks"][f"best-of-{n}"]] >= best - 1e-3
+        assert r["picks"]["best-of-1"] == r["samples"]["1"][0]
+    # The same command again reuses the finished seeds (nothing is retrained); other options are refused.
+    assert run_cli(main, tiny_args(cache, out)) == 0
+    assert json.loads((out / "metrics.json").read_text())["mean"] == metrics["mean"]
+    assert run_cli(main, tiny_args(cache, out, clusters=5)) == 2
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"clusters": 1}, "--clusters: must be >= 2"),
+    ({"clusters": 500}, "--clusters 500"),
+    ({"n_values": "1,x"}, "--n-values"),
+    ({"window": 9}, "--pretrain-window"),
+    ({"dataset": "movielens"}, "--data-path"),
+    ({"feedback": "maybe"}, "--feedback"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, cache, capsys, over, message):
+    assert run_cli(main, tiny_args(cache, tmp_path / "o", seeds=1, **over)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "userllm.explore", "--top-p", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --top-p: must be <= 1.0, got 2.0"
+
+
+def test_runs_with_a_local_hf_llm_directory(tmp_path, cache):
+    """``--llm DIR``: any local Hugging Face causal LM (here a tiny Llama saved with its tokenizer)."""
+    from userllm.llm import DefaultLLMConfig, load_llm
+
+    model, tok = load_llm(None, texts=["Recent interests: Drama & Comedy.", "Answer: yes", "Answer: no"] * 20,
+                          default_config=DefaultLLMConfig.sized(32, 1, 300), log=None)
+    llm_dir = tmp_path / "hf"
+    model.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    out = tmp_path / "run"
+    assert run_cli(main, tiny_args(cache, out, seeds=1, llm=llm_dir)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["llm"] == str(llm_dir)
+    assert metrics["mean"]["best-of-4"]["tokens"]["mean"] > metrics["mean"]["best-of-1"]["tokens"]["mean"]

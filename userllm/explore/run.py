@@ -1,0 +1,220 @@
+"""The whole exploration experiment for one seed, and the multi-seed driver behind ``python -m userllm.explore``.
+
+Once (:func:`prepare`, seeded by ``--seed``): load the data -> hold out ``--test-fraction`` of the users ->
+user encoder (``--encoder-checkpoint``, else pretrained on the training users' events only, so no
+held-out event is ever trained on) -> the embedded LLM (or ``--llm``). Per seed (:func:`run_seed`): KMeans
+interest clusters over the encoder's item table -> novel transitions + feedback -> novelty LLM and
+user-aligned LLM, both trained on the training users' transitions -> evaluation on each held-out user's
+last novel transition (:mod:`.evaluate`).
+
+Run directory (``--out``): ``config.json``, ``metrics.json`` (every method's metrics per seed, their mean /
+std, the target check, clusters, training losses), ``table.md``, ``curve.png``, and per seed
+``pretrain/encoder.safetensors`` (when pretrained here), and per seed ``seed_<s>/result.json`` (its
+metrics: rerunning the same command with the same ``--out`` reuses the seeds already finished),
+``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
+item, the feedback, every method's pick, the best-of-n samples and the aligned scores of all new clusters)
+and ``seed_<s>/clusters.json`` (labels and sizes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..training import pick_device, seed_everything, write_metrics, write_run_config
+from ..utils.atomic import write_json, write_text
+from . import evaluate as ev
+from .clusters import build_clusters, event_clusters, last_per_user, novel_transitions, split_users
+from .config import ExploreConfig
+from .models import AlignedLLM, NoveltyLLM, Prompts, contexts_at
+
+RESULT_FILE = "result.json"
+
+
+def pretrain_on_train_users(cfg: ExploreConfig, ds, test_users: np.ndarray, seed: int, device, out: Path, log):
+    """A fresh encoder pretrained (userllm.pretrain's recipe) on the training users' train-part windows."""
+    from .. import pretrain
+    from ..data.examples import PretrainWindows
+    from ..encoders import save_encoder
+
+    pcfg = pretrain.PretrainConfig(dataset=cfg.dataset, encoder=cfg.encoder, window=cfg.pretrain_window,
+                                   steps=cfg.pretrain_steps, d_model=cfg.encoder_dim, layers=cfg.encoder_layers,
+                                   warmup=min(50, cfg.pretrain_steps // 10), seed=seed, out=str(out))
+    windows = PretrainWindows(ds, pcfg.window, "train", stride=pcfg.effective_stride)
+    keep = ~test_users[windows.user]
+    windows.user, windows.start, windows.end = windows.user[keep], windows.start[keep], windows.end[keep]
+    encoder, stats = pretrain.pretrain_encoder(ds, pcfg, device, windows=windows, desc="pretrain encoder")
+    save_encoder(encoder.cpu(), out / pretrain.ENCODER_FILE)
+    log(f"encoder: pretrained on {int((~test_users).sum())} training users for {stats['steps']} steps, "
+        f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f} ({stats['train_seconds']:.0f}s)")
+    return encoder.to(device).eval(), stats
+
+
+def load_encoder_checkpoint(cfg: ExploreConfig, ds, device):
+    from ..encoders import load_encoder
+
+    path = Path(cfg.encoder_checkpoint)
+    if not path.is_file():
+        raise UserError(f"--encoder-checkpoint {path}: file not found")
+    encoder = load_encoder(path, device)
+    have = [(f.name, f.num_embeddings) for f in encoder.config.feature_specs]
+    want = [(s.name, s.num_embeddings) for s in ds.feature_specs]
+    if have != want:
+        raise UserError(f"--encoder-checkpoint {path}: the encoder was trained on other data (features {have}, "
+                        f"this dataset {want})")
+    if encoder.config.max_len < cfg.window:
+        raise UserError(f"--encoder-checkpoint {path}: handles at most {encoder.config.max_len} events but "
+                        f"--window is {cfg.window}")
+    return encoder
+
+
+@dataclass
+class Shared:
+    """What every seed starts from: the data, the held-out users (bool [U]), the pretrained encoder and the
+    pretrained LLM with its tokenizer (each seed trains copies)."""
+
+    ds: object
+    test_users: np.ndarray
+    encoder: torch.nn.Module
+    encoder_info: dict
+    llm: torch.nn.Module
+    tok: object
+    device: torch.device
+
+
+def prepare(cfg: ExploreConfig, out: Path, log=print) -> Shared:
+    """Data, user split and encoder (seeded by ``--seed``), and the LLM. They are shared by the seeds, as
+    pretrained models are: the repo's evaluations also score every seed on the same users; the seeds vary
+    the clusters (KMeans initialisation), both LLMs' training and the sampling."""
+    from ..train import build_llm, load_data
+
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    tcfg = cfg.train_config(cfg.seed)
+    ds = load_data(tcfg)
+    test_users = split_users(ds.num_users, cfg.test_fraction, cfg.seed)
+    if cfg.encoder_checkpoint is not None:
+        encoder, info = load_encoder_checkpoint(cfg, ds, device), {"checkpoint": cfg.encoder_checkpoint}
+    else:
+        encoder, info = pretrain_on_train_users(cfg, ds, test_users, cfg.seed, device, out / "pretrain", log)
+    llm, tok = build_llm(tcfg, ds, log)
+    return Shared(ds, test_users, encoder, info, llm, tok, device)
+
+
+def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print) -> dict:
+    """Cluster, train both LLMs and evaluate for ``seed``; writes ``out/picks.jsonl`` and ``out/clusters.json``."""
+    from ..train import build_model
+
+    t0 = time.time()
+    seed_everything(seed)
+    ds, encoder, device = shared.ds, shared.encoder, shared.device
+    tcfg = cfg.train_config(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    clusters = build_clusters(ds, encoder.tables["item"].detach().cpu().numpy(), cfg.clusters, seed)
+    ec = event_clusters(ds, clusters)
+    tr = novel_transitions(ds, ec, cfg.window, cfg.follow_up, cfg.rating_threshold, cfg.feedback)
+    is_test = shared.test_users[tr.user]
+    train_tr = tr.subset(np.flatnonzero(~is_test))
+    test_tr = tr.subset(np.flatnonzero(is_test))
+    test_tr = test_tr.subset(last_per_user(test_tr))
+    if cfg.max_test_users and len(test_tr) > cfg.max_test_users:
+        test_tr = test_tr.subset(np.sort(np.random.default_rng([seed, 5]).choice(len(test_tr), cfg.max_test_users,
+                                                                                  replace=False)))
+    if len(train_tr) == 0 or len(test_tr) == 0:
+        raise UserError(f"no novel transitions to {'train on' if len(train_tr) == 0 else 'evaluate'}: the "
+                        f"users need more than --window ({cfg.window}) + --follow-up ({cfg.follow_up}) events")
+    log(f"clusters: {clusters.k} (sizes {clusters.sizes.min()}-{clusters.sizes.max()} items); novel transitions: "
+        f"{len(train_tr)} of training users ({train_tr.positive.mean():.2f} positive), "
+        f"{len(test_tr)} held-out users evaluated ({test_tr.positive.mean():.2f} positive)")
+    write_json(out / "clusters.json", {"labels": clusters.labels, "sizes": clusters.sizes.tolist()})
+
+    # Copies: a UserLLM hooks its cross-attention into its LLM's layers and trains the LLM and encoder.
+    prompts = Prompts(clusters.labels, shared.tok, cfg.prompt_clusters)
+    novelty = NoveltyLLM(build_model(tcfg, copy.deepcopy(shared.llm), copy.deepcopy(encoder)).to(device),
+                         prompts, ds, device)
+    aligned = AlignedLLM(build_model(tcfg, copy.deepcopy(shared.llm), copy.deepcopy(encoder)).to(device),
+                         prompts, ds, device)
+
+    train_ctx = contexts_at(ds, ec, train_tr.row, cfg.window)
+    train_allowed = [[c for c in range(clusters.k) if c not in set(r)] for r in train_ctx.recent]
+    novelty_info = novelty.fit(train_ctx, train_tr.cluster, cfg, seed, log)
+    aligned_info = aligned.fit(train_ctx, train_tr.positive, train_tr.cluster, train_allowed, cfg, seed, log)
+
+    test_ctx = contexts_at(ds, ec, test_tr.row, cfg.window)
+    popular = np.bincount(train_tr.cluster, minlength=clusters.k)
+    results, records = ev.evaluate(ds, clusters, test_ctx, test_tr.cluster, test_tr.positive, popular, novelty,
+                                   aligned, encoder, cfg.n_list, cfg.temperature, cfg.top_p, cfg.eval_batch_size,
+                                   seed, device)
+    lines = []
+    for i, rec in enumerate(records):
+        row = int(test_tr.row[i])
+        lines.append(json.dumps({
+            "user": int(test_tr.user[i]), "user_id": str(ds.events.user_ids[test_tr.user[i]]), "row": row,
+            "recent": [clusters.labels[c] for c in test_ctx.recent[i]],
+            "target": int(test_tr.cluster[i]), "target_label": clusters.labels[test_tr.cluster[i]],
+            "target_item": ds.item_titles([ds.features["item"][row]])[0], "positive": bool(test_tr.positive[i]),
+            "picks": rec["picks"], "pick_labels": {m: clusters.labels[c] for m, c in rec["picks"].items()},
+            "samples": {str(n): s for n, s in rec["samples"].items()},
+            "aligned_all": {str(c): s for c, s in rec["aligned_all"].items()}}))
+    write_text(out / "picks.jsonl", "\n".join(lines) + "\n")
+    return {"seed": seed, "results": results, "target": ev.target_met(results, cfg.n_list),
+            "data": {"users": ds.num_users, "items": ds.num_items - 1, "events": ds.num_events,
+                     "train_transitions": len(train_tr), "train_positive_rate": float(train_tr.positive.mean()),
+                     "test_users": len(test_tr), "test_positive_rate": float(test_tr.positive.mean())},
+            "encoder": shared.encoder_info, "novelty_training": novelty_info, "aligned_training": aligned_info,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def run(cfg: ExploreConfig, log=print) -> dict:
+    """Every seed, then the aggregate: metrics.json, table.md, curve.png in the run directory."""
+    from ..train import check_paths
+
+    check_paths(cfg.train_config(cfg.seed))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"explore-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    current = cfg.to_dict() | {"out": str(out)}
+    if (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in current.items() if k != "seeds"}:
+            raise UserError(f"--out {out}: already holds a run with other options; choose another directory")
+    write_run_config(out, current)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    done = {s: json.loads((out / f"seed_{s}" / RESULT_FILE).read_text()) for s in seeds
+            if (out / f"seed_{s}" / RESULT_FILE).is_file()}
+    shared = prepare(cfg, out, log) if len(done) < len(seeds) else None
+    per_seed = []
+    for s in seeds:
+        if s in done:                      # the same options finished this seed before (an interrupted run)
+            log(f"--- seed {s}: reusing {out / f'seed_{s}' / RESULT_FILE}")
+            per_seed.append(done[s])
+            continue
+        log(f"--- seed {s}")
+        per_seed.append(run_seed(cfg, s, shared, out / f"seed_{s}", log))
+        write_json(out / f"seed_{s}" / RESULT_FILE, per_seed[-1])
+    agg = ev.aggregate([r["results"] for r in per_seed])
+    mean_results = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
+    what = f"{cfg.dataset}, K={cfg.clusters}, window {cfg.window}, {per_seed[0]['data']['test_users']} held-out users"
+    title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
+    table = ev.format_table(agg, title)
+    ev.plot_curve(agg, cfg.n_list, out / "curve.png", f"Best-of-n exploration: {title}")
+    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0]["encoder"], "mean": agg,
+               "target": ev.target_met(mean_results, cfg.n_list),
+               "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "per_seed": per_seed}
+    write_metrics(out, metrics)
+    write_text(out / "table.md", table + "\n")
+    log("")
+    log(table)
+    t = metrics["target"]
+    log(f"target (best-of-n beats n=1 on hit or positive rate at some n <= 16, diversity within 10%): "
+        f"{'met at n = ' + ', '.join(map(str, t['n'])) if t['met'] else 'not met'}")
+    log(f"wrote {out}/metrics.json, table.md, curve.png, seed_*/picks.jsonl")
+    return metrics
