@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from userllm.data import load_dataset, next_item_eval  # noqa: E402
 from userllm.encoders import build_encoder  # noqa: E402
-from userllm.pretrain import PretrainConfig, encoder_config, train_item_counts  # noqa: E402
+from userllm.config import PretrainConfig  # noqa: E402
+from userllm.encoders.pretraining import train_item_counts  # noqa: E402
 from userllm.ranking import EVAL_BATCH_SIZE, evaluate_next_item  # noqa: E402
-from userllm.training import pick_device  # noqa: E402
+from userllm.loop import pick_device  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
@@ -50,7 +51,7 @@ def run_eval(args) -> dict:
     evalset = next_item_eval(ds, cfg.window, "test")
     popularity = train_item_counts(ds)
     torch.manual_seed(0)
-    encoder = build_encoder(cfg.encoder, encoder_config(cfg, ds)).to(device)
+    encoder = build_encoder(cfg.encoder, cfg.encoder_spec(ds)).to(device)
     t2, c2 = time.time(), time.process_time()
     metrics = evaluate_next_item(encoder, ds, evalset, np.arange(len(evalset)), device, args.filter_seen,
                                  popularity, batch_size=args.batch_size)

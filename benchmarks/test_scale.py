@@ -88,12 +88,13 @@ def release(request, tmp_path_factory):
 def default_train_step_seconds(ds, windows) -> float:
     """Median CPU wall time of one training step of ``python -m userllm.pretrain``'s default model."""
     from userllm.encoders import build_encoder
-    from userllm.pretrain import PretrainConfig, encoder_config, make_optimizer
-    from userllm.training import optimizer_step
+    from userllm.config import PretrainConfig
+    from userllm.encoders.pretraining import make_optimizer
+    from userllm.loop import optimizer_step
 
     cfg = PretrainConfig()
     torch.manual_seed(0)
-    encoder = build_encoder(cfg.encoder, encoder_config(cfg, ds))
+    encoder = build_encoder(cfg.encoder, cfg.encoder_spec(ds))
     optimizer, scheduler = make_optimizer(cfg, encoder, 100)
     sampler = EpochBatchSampler(len(windows), cfg.batch_size, seed=0, steps=12)
     times = []

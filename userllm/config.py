@@ -109,6 +109,9 @@ class DataOptions(Options):
     synthetic_items: int = opt(400, "synthetic data: items", min=2)
     synthetic_events: int = opt(60, "synthetic data: mean events per user (uniform in [2/3, 4/3] of it)", min=6)
     min_user_events: int = opt(5, "drop users with fewer events (leave-last-out needs >= 3)", min=3)
+    workers: int = opt(0, "DataLoader worker processes gathering training batches ahead of the step "
+                       "(0 = in the training process); the batches are the same either way", min=0,
+                       resumable=True)
 
 
 @dataclass

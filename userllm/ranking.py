@@ -33,7 +33,7 @@ import torch
 from .data.examples import NextItemEval, collate
 from .data.vocab import UNK_ID
 from .metrics import metrics_from_ranks
-from .training import autocast, eval_mode
+from .loop import autocast, eval_mode
 from .utils.memory import fix_mmap_threshold
 
 KS = (1, 5, 10)

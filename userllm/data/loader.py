@@ -148,5 +148,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, *, workers: int = 0, prefetc
     fix_mmap_threshold()                  # batches of varying shapes would fragment the heap (see there)
     pin = torch.device(device).type == "cuda" if device is not None else False
     extra = dict(prefetch_factor=prefetch, persistent_workers=True) if workers else {}
+    # Its own generator: each iterator draws a worker base seed, and from the global RNG that draw would
+    # shift the dropout stream of a resumed run (the RNG is restored from the checkpoint just before).
     return DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                      pin_memory=pin, **extra)
+                      pin_memory=pin, generator=torch.Generator().manual_seed(0), **extra)
