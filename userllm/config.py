@@ -175,6 +175,9 @@ class TrainConfig(DataOptions):
     # optimisation
     steps: int = opt(1000, "training steps; may be changed on --resume (the learning-rate schedule is "
                      "always the one of the final --steps)", min=1, resumable=True)
+    stride: int = opt(1, "rows between training targets of a user, counted back from the newest (1 = every "
+                            "train event is a target: the paper's windows; 19.6M on MovieLens-20M at window 50)",
+                            min=1)
     max_train_examples: int = opt(0, "train on a fixed random subset of this many examples (0 = all; "
                                   "small values overfit on purpose, for debugging)", min=0)
     batch_size: int = opt(64, "global batch size (split across DDP ranks)", min=1)

@@ -214,7 +214,7 @@ def evaluate_run(run, split: str = "test", log: Callable[..., None] = print) -> 
     from .utils.atomic import write_json
 
     cfg, ds = run.cfg, run.ds
-    train_ex = make_examples(ds, cfg.task, cfg.window, "train")
+    train_ex = make_examples(ds, cfg.task, cfg.window, "train", cfg.stride)
     test_ex = eval_subset(make_examples(ds, cfg.task, cfg.window, split), cfg.eval_users)
     results = evaluate_and_report(cfg, run.model, run.batcher, ds, train_ex, test_ex, run.device, run.amp, log,
                                   split=split)

@@ -109,7 +109,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     if not dist.main:
         ds = load_data(cfg)
         llm, tok = build_llm(cfg, ds, log)
-    train_ex = make_examples(ds, cfg.task, cfg.window, "train")
+    train_ex = make_examples(ds, cfg.task, cfg.window, "train", cfg.stride)
     if cfg.max_train_examples:
         train_ex = eval_subset(train_ex, cfg.max_train_examples, seed=cfg.seed)
     test_ex = eval_subset(make_examples(ds, cfg.task, cfg.window, "test"), cfg.eval_users)
