@@ -128,3 +128,19 @@ def test_pretrain_windows_subset(ds):
     assert len(sub) == 3 and sub.window == 8 and sub.ds is ds
     assert_same_batch(sub.batch(np.arange(3)), windows.batch(idx))
     assert len(windows) > 3                                     # the original is untouched
+
+
+def test_pretraining_losses_do_not_depend_on_the_workers(ds):
+    from userllm.config import PretrainConfig
+    from userllm.encoders.pretraining import pretrain_encoder
+    from userllm.loop import seed_everything
+
+    def run(workers):
+        seed_everything(0)
+        cfg = PretrainConfig(window=8, steps=5, batch_size=16, d_model=16, layers=1, warmup=1, log_every=1,
+                             workers=workers)
+        encoder, stats = pretrain_encoder(ds, cfg, torch.device("cpu"))
+        return stats["final_loss"], [p.detach().clone() for p in encoder.parameters()]
+
+    (loss0, params0), (loss2, params2) = run(0), run(2)
+    assert loss0 == loss2 and all(torch.equal(a, b) for a, b in zip(params0, params2))
