@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CHECKPOINT_DIR, CheckpointState, capture_rng, restore_rng
+from .checkpoint import CHECKPOINT_DIR, CheckpointState, capture_rng, list_checkpoints, restore_rng
 from .errors import UserError
 from .utils.atomic import save_safetensors, write_json
 
@@ -68,10 +68,7 @@ def sharded_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 def list_sharded_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of every complete sharded checkpoint, oldest first (temporaries never match)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
+    return [(s, p) for s, p in list_checkpoints(run_dir, _NAME) if p.is_dir()]
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
