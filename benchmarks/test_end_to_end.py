@@ -40,7 +40,8 @@ NEW_TOKENS = 16
 
 
 def _smoke(config) -> bool:
-    return bool(config.getoption("benchmark_disable", default=False))
+    # USERLLM_BENCH_TINY=1: benchmarks/gpu_check.sh --tiny (CI) times the smoke shapes
+    return bool(config.getoption("benchmark_disable", default=False)) or os.environ.get("USERLLM_BENCH_TINY") == "1"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Benchmarks of the fused ops against their peers, on the same inputs in one run.
 
-Peers: the eager PyTorch reference, ``torch.compile`` of the reference, SDPA (boolean padding mask;
-``enable_gqa`` for grouped-query) and flash-attn when importable. The fused op is the one
+Peers: the eager PyTorch reference, ``torch.compile`` of the reference, what a PyTorch user would write
+(:mod:`peers`: ``F.embedding_bag`` per feature + ``cat``, and its ``torch.compile``; SDPA with a boolean
+padding mask, ``enable_gqa`` for grouped-query) and flash-attn when importable. All candidates of a
+benchmark are timed in interleaved rounds (``conftest.interleaved``). The fused op is the one
 ``userllm.kernels`` dispatches to automatically (Triton on CUDA, native C++ embedding_concat on CPU when
 built), plus the forced native op on CUDA when that is built.
 
@@ -22,11 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peers import TINY, embedding_bag_concat, embedding_bytes, key_mask
 from userllm import kernels
 from userllm.kernels import dispatch, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FULL = DEVICE == "cuda" and os.environ.get("USERLLM_BENCH_SMALL", "0") in ("", "0")
+FULL = DEVICE == "cuda" and os.environ.get("USERLLM_BENCH_SMALL", "0") in ("", "0") and not TINY
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 
@@ -35,7 +38,7 @@ def compiled(request):
     """torch.compile of a reference function, or None under --benchmark-disable (compiling is slow and the
     compiled path is covered by tests/kernels)."""
     def make(fn):
-        if request.config.getoption("benchmark_disable", False):
+        if request.config.getoption("benchmark_disable", False) or TINY:
             return None
         return torch.compile(fn, fullgraph=True, dynamic=False)
     return make
@@ -69,16 +72,6 @@ def _embedding_inputs():
     return ids, tables
 
 
-def _embedding_bytes(ids, tables) -> float:
-    """Bytes a single pass must move: ids, the gathered table rows (one per valid id) and the output."""
-    elt = tables[0].element_size()
-    total = 0
-    for x, t in zip(ids, tables):
-        total += x.numel() * x.element_size() + int((x >= 0).sum()) * t.shape[1] * elt
-    E = ids[0].shape[0] * ids[0].shape[1]
-    return total + E * sum(t.shape[1] for t in tables) * elt
-
-
 @pytest.mark.parametrize("direction", ["forward", "forward_backward"])
 def test_embedding_concat(compare, compiled, direction):
     ids, tables = _embedding_inputs()
@@ -100,18 +93,15 @@ def test_embedding_concat(compare, compiled, direction):
 
     candidates = {"eager": runner(reference.embedding_concat)}
     _add(candidates, "torch.compile", runner(compiled(reference.embedding_concat)))
+    candidates["embedding_bag"] = runner(embedding_bag_concat)
+    _add(candidates, "torch.compile(embedding_bag)", runner(compiled(embedding_bag_concat)))
     candidates[fused] = runner(backend(fused))
     if DEVICE == "cuda" and dispatch.native_available("cuda"):
         candidates["native"] = runner(backend("native"))
-    compare(candidates, fused, bytes_moved=_embedding_bytes(ids, tables) if direction == "forward" else None)
+    compare(candidates, fused, bytes_moved=embedding_bytes(ids, tables) if direction == "forward" else None)
 
 
 # ------------------------------------------------------------------------------------ attention peers
-
-def _key_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """Boolean SDPA mask [B, 1, 1, N], True = attend."""
-    return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
-
 
 def _attention_flops(B, Hq, T, lengths, D, backward: bool) -> float:
     fwd = 4.0 * Hq * T * D * float(lengths.sum())
@@ -129,7 +119,7 @@ def test_latent_cross_attention_fwd_bwd(compare, compiled, flash_attn, n):
     v = torch.randn(B, n, H, D, generator=g).to(DEVICE, DTYPE).requires_grad_()
     lengths = torch.randint(1, n + 1, (B,), generator=g).to(DEVICE)
     grad = torch.randn(B, M, H, D, generator=g).to(DEVICE, DTYPE)
-    mask = _key_mask(lengths, n)
+    mask = key_mask(lengths, n)
     fused = _fused("latent_cross_attention", DEVICE)
 
     def step(forward):
@@ -153,7 +143,7 @@ def test_latent_cross_attention_fwd_bwd(compare, compiled, flash_attn, n):
     if fa is not None:
         cu_k = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         cu_q = torch.arange(0, (B + 1) * M, M, device=DEVICE, dtype=torch.int32)
-        keep = _key_mask(lengths, n).view(B, n)  # packs the valid keys, row after row
+        keep = key_mask(lengths, n).view(B, n)  # packs the valid keys, row after row
 
         def flash():
             q = latents.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * M, H, D)
@@ -175,7 +165,7 @@ def test_cached_cross_attention_decode(compare, compiled, flash_attn, n):
     k = torch.randn(B, n, Hkv, D, generator=g).to(DEVICE, DTYPE)
     v = torch.randn(B, n, Hkv, D, generator=g).to(DEVICE, DTYPE)
     lengths = torch.full((B,), n, device=DEVICE)  # user histories fill the cache at the benchmark's N
-    mask = _key_mask(lengths, n)
+    mask = key_mask(lengths, n)
     fused = _fused("cached_cross_attention", DEVICE)
     ref_c = compiled(reference.cached_cross_attention)
 
@@ -200,3 +190,61 @@ def test_cached_cross_attention_decode(compare, compiled, flash_attn, n):
     kv_bytes = 2.0 * float(lengths.sum()) * Hkv * D * k.element_size()
     compare(candidates, fused, bytes_moved=kv_bytes + 2 * q.numel() * q.element_size(),
             flops=_attention_flops(B, Hq, 1, lengths, D, backward=False), cuda_graph=DEVICE == "cuda")
+
+
+# ------------------------------------------------------------------- attention on CPU at the model's shapes
+
+# (B, T or M latents, Hq, Hkv, N, D): the default User-LLM (embedded LLM: 4 query / 2 KV heads of 32;
+# batch 64, ~64 text positions, window 10 or AR50's 50 events) and its Perceiver (16 latents, 4 heads of 16)
+MODEL_SHAPES = {
+    "cross_attn_train_N10": (64, 64, 4, 2, 10, 32),
+    "cross_attn_train_N50": (64, 64, 4, 2, 50, 32),
+    "cross_attn_decode_N50": (64, 1, 4, 2, 50, 32),
+    "perceiver_N50": (64, 16, 4, 4, 50, 16),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU path (SDPA vs the reference) at the model's shapes")
+@pytest.mark.parametrize("direction", ["forward", "forward_backward"])
+@pytest.mark.parametrize("shape", list(MODEL_SHAPES))
+def test_attention_cpu_model_shapes(compare, compiled, benchmark, shape, direction):
+    """The CPU attention path (``auto``: SDPA, userllm.kernels.sdpa) against the reference it replaced and
+    torch.compile of that reference, at the model's shapes, fp32, one thread (the CLI's CPU default)."""
+    latent = shape.startswith("perceiver")
+    small = benchmark.disabled or TINY
+    B, T, Hq, Hkv, N, D = (4, 5, 4, 4 if latent else 2, 7, 16) if small else MODEL_SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(*((T, Hq, D) if latent else (B, T, Hq, D)), generator=g).requires_grad_()
+    k = torch.randn(B, N, Hkv, D, generator=g).requires_grad_()
+    v = torch.randn(B, N, Hkv, D, generator=g).requires_grad_()
+    lengths = torch.randint(1, N + 1, (B,), generator=g)
+    lengths[::8] = 0  # users without history: their rows must come out as zeros
+    op = "latent_cross_attention" if latent else "cached_cross_attention"
+    ref = getattr(reference, op)
+    grad = torch.randn(B, T, Hq, D, generator=g)
+
+    def run(fn):
+        if direction == "forward":
+            def forward():
+                with torch.no_grad():
+                    return fn(q, k, v, lengths)
+            return forward
+        return lambda: torch.autograd.grad(fn(q, k, v, lengths), (q, k, v), grad)
+
+    def backend(name):
+        def call(*args):
+            with kernels.use_backend(name):
+                return getattr(kernels, op)(*args)
+        return call
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        candidates = {"eager": run(ref)}
+        ref_c = compiled(ref)
+        _add(candidates, "torch.compile", None if ref_c is None else run(ref_c))
+        candidates["sdpa"] = run(backend("sdpa"))
+        benchmark.extra_info.update(shape=shape, direction=direction, threads=1)
+        compare(candidates, "sdpa", tol=1e-5)
+    finally:
+        torch.set_num_threads(before)

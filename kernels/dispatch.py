@@ -2,7 +2,8 @@
 
 The switch
 ----------
-* environment variable ``USERLLM_KERNEL_BACKEND`` in {``auto``, ``reference``, ``triton``, ``native``}
+* environment variable ``USERLLM_KERNEL_BACKEND`` in {``auto``, ``reference``, ``triton``, ``native``,
+  ``sdpa``}
   (default ``auto``), read at each call;
 * ``use_backend(name)`` overrides it in-process: as a plain call it sets the backend until changed, as a
   context manager (``with use_backend("reference"): ...``) it restores the previous choice on exit.
@@ -12,8 +13,10 @@ The switch
 What each name means for an op called with tensors on a device
 ---------------------------------------------------------------
 * ``auto``: CUDA tensors -> Triton (reference when Triton is missing); CPU tensors -> the native C++
-  ``embedding_concat`` when its library is built (:mod:`userllm.kernels.native`), else the reference.
-  The attention ops have no native version, so on CPU they use the reference. (The native CUDA
+  ``embedding_concat`` when its library is built (:mod:`userllm.kernels.native`), else the reference;
+  the attention ops through ``F.scaled_dot_product_attention`` (:mod:`userllm.kernels.sdpa`) from
+  ``SDPA_MIN_KEYS`` keys up, where it beats the reference forward and backward, and the reference below
+  (measurements at ``SDPA_MIN_KEYS``). (The native CUDA
   ``embedding_concat`` is used for CUDA tensors only when forced with ``native``: Triton is the default
   there until benchmarks/RESULTS.md shows the native op faster.)
 * ``reference``: the PyTorch specification in :mod:`userllm.kernels.reference`, any device.
@@ -22,6 +25,8 @@ What each name means for an op called with tensors on a device
   raises ``RuntimeError``.
 * ``native``: the native ``embedding_concat``; for the attention ops (no native version) this means
   ``auto``. When the native library is not built, one warning is issued and ``auto`` is used.
+* ``sdpa``: the attention ops through SDPA with a boolean key mask, any device; for
+  ``embedding_concat`` this means ``auto``.
 
 The Triton modules are imported lazily (on first use), so importing :mod:`userllm.kernels` never
 compiles or imports Triton kernels, and ``TRITON_INTERPRET`` can still be set after that import.
@@ -40,10 +45,10 @@ from typing import Sequence
 
 import torch
 
-from . import reference
+from . import reference, sdpa
 from .env import ENV_VAR, interpreter_requested
 
-BACKENDS = ("auto", "reference", "triton", "native")
+BACKENDS = ("auto", "reference", "triton", "native", "sdpa")
 
 _override: str | None = None
 _native_state: dict = {}   # device type -> the native module (None: no kernels there), once probed
@@ -127,8 +132,17 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The concrete backend ("reference", "triton" or "native") that runs ``op`` on ``device`` now."""
+# The CPU attention path of ``auto``: SDPA from this many key positions up, the reference below. Measured
+# (benchmarks/test_kernels.py::test_attention_cpu_model_shapes, CPU time, 1 thread, fp32, 2026-12-01): at
+# the training cross-attention shape (B=64, T=64, 4/2 heads of 32) SDPA took 0.85x / 0.91x the reference's
+# speed (forward / forward+backward) at N=10 keys and 2.67x / 1.75x at N=50; decode (T=1) and Perceiver
+# (M=16) at N=50 1.3-2.4x. N in between was not measured: 24 is about the geometric middle.
+SDPA_MIN_KEYS = 24
+
+
+def resolve(op: str, device: torch.device, num_keys: int | None = None) -> str:
+    """The concrete backend ("reference", "triton", "native" or "sdpa") that runs ``op`` on ``device`` now;
+    ``num_keys`` (N of an attention op) picks between SDPA and the reference on CPU under ``auto``."""
     requested = get_backend()
     if requested == "reference":
         return "reference"
@@ -140,6 +154,8 @@ def resolve(op: str, device: torch.device) -> str:
                 f"{op}: kernel backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 exported before the "
                 f"Triton kernels are first imported to run them on {device.type} tensors (slowly)")
         return "triton"
+    if requested == "sdpa" and op != "embedding_concat":
+        return "sdpa"
     if requested == "native" and op == "embedding_concat":
         if native_available(device.type):
             return "native"
@@ -148,17 +164,17 @@ def resolve(op: str, device: torch.device) -> str:
     # auto
     if device.type == "cuda":
         return "triton" if _triton_importable() else "reference"
-    if op == "embedding_concat" and native_available(device.type):
-        return "native"
-    return "reference"
+    if op == "embedding_concat":
+        return "native" if native_available(device.type) else "reference"
+    return "reference" if num_keys is not None and num_keys < SDPA_MIN_KEYS else "sdpa"
 
 
 def select_backend(fused: bool, device: torch.device) -> str:
     """Set the backend of a run (``use_backend``) and return a one-line description of the path taken.
 
     ``fused=False``: the reference ops. ``fused=True``: Triton on CUDA (the reference when Triton is not
-    installed), the native C++ ``embedding_concat`` on CPU when its library is built (the attention ops
-    have no CPU kernel there and use the reference), else the reference. This is the policy of ``auto``
+    installed), on CPU the native C++ ``embedding_concat`` when its library is built and the attention
+    ops through SDPA, else the reference. This is the policy of ``auto``
     made explicit, so that the printed line names what runs. The command-line entry points call it
     (``--fused-kernels``).
     """
@@ -177,10 +193,11 @@ def select_backend(fused: bool, device: torch.device) -> str:
         native = native_available(device.type)
     if native:
         use_backend("native")
-        return ("kernels: native C++ embedding_concat on CPU (the attention ops have no CPU kernel and use "
-                "the PyTorch reference)")
-    use_backend("reference")
-    return "kernels: --fused-kernels: the native CPU library is not built; using the PyTorch reference ops"
+        return (f"kernels: native C++ embedding_concat and SDPA attention on CPU (the reference attention "
+                f"below {SDPA_MIN_KEYS} keys)")
+    use_backend("sdpa")
+    return ("kernels: --fused-kernels: the native CPU library is not built; reference embedding_concat, "
+            f"SDPA attention on CPU (the reference below {SDPA_MIN_KEYS} keys)")
 
 
 # ------------------------------------------------------------------------------------------- public ops
@@ -206,8 +223,11 @@ def latent_cross_attention(latents: torch.Tensor, k: torch.Tensor, v: torch.Tens
                            scale: float | None = None) -> torch.Tensor:
     """Perceiver cross-attention: latents [M, H, D] (shared) or [B, M, H, D] over k, v [B, N, H, D] with
     keys at positions >= kv_lengths[b] masked. Returns [B, M, H, D]. See the reference for details."""
-    if resolve("latent_cross_attention", latents.device) == "triton":
+    backend = resolve("latent_cross_attention", latents.device, k.shape[1])
+    if backend == "triton":
         from .ops.latent_cross_attention import latent_cross_attention as impl
+    elif backend == "sdpa":
+        impl = sdpa.latent_cross_attention
     else:
         impl = reference.latent_cross_attention
     return impl(latents, k, v, kv_lengths, scale)
@@ -217,8 +237,11 @@ def cached_cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float | None = None) -> torch.Tensor:
     """Grouped-query attention of q [B, T, Hq, D] over a cache [B, N, Hkv, D] with keys at positions
     >= kv_lengths[b] masked. Returns [B, T, Hq, D]. See the reference for details."""
-    if resolve("cached_cross_attention", q.device) == "triton":
+    backend = resolve("cached_cross_attention", q.device, k_cache.shape[1])
+    if backend == "triton":
         from .ops.cached_cross_attention import cached_cross_attention as impl
+    elif backend == "sdpa":
+        impl = sdpa.cached_cross_attention
     else:
         impl = reference.cached_cross_attention
     return impl(q, k_cache, v_cache, kv_lengths, scale)

@@ -203,6 +203,8 @@ class TrainConfig(DataOptions):
     log_every: int = opt(20, "log training metrics every n steps", min=1, resumable=True)
     fused_kernels: bool = opt(False, "route embedding_concat / latent / cached cross-attention through "
                               "the fused kernels (triton on CUDA, native on CPU) when available", resumable=True)
+    compile: bool = opt(False, "torch.compile (fullgraph) the blocks calling the fused ops: cross-attention, "
+                        "Perceiver, event embedding (userllm.kernels.compile)", resumable=True)
     profile: bool = opt(False, "write profile.json (step times, tokens/s, peak memory)", resumable=True)
     # evaluation
     eval_users: int = opt(200, "evaluate on at most this many test users (0 = all)", min=0, resumable=True)

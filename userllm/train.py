@@ -133,6 +133,9 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
             write_json(run_dir / ENCODER_SPEC_FILE, {"kind": encoder.kind, "config": encoder.config.to_dict()})
     with user_errors("the model"):
         model = build_model(cfg, llm, encoder).to(device)
+    if cfg.compile:  # userllm.kernels.compile: the blocks that call the fused ops, fullgraph
+        from .kernels.compile import compile_model
+        log(f"compile: {', '.join(compile_model(model)) or 'no block calls a fused op'}", flush=True)
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)

@@ -1,5 +1,6 @@
-"""Triton masked cross-attention shared by both attention ops: kernels, launchers, input checks and the one
-``torch.library`` registration helper.
+"""Triton masked cross-attention shared by both attention ops: kernels, launchers, the graph-capture-safe
+length check and the one ``torch.library`` registration helper (the shape/dtype checks, shared with the
+SDPA path that must not import Triton, are :func:`userllm.kernels.reference.check_attention_inputs`).
 
 The two public ops are thin files over this module, one registration call and one checked entry point
 each: :mod:`userllm.kernels.cached_cross_attention` (text queries over a grouped-query K/V cache) and
@@ -290,31 +291,6 @@ def check_lengths_unless_capturing(kv_lengths: torch.Tensor, batch: int, n: int,
             raise ValueError(f"{op}: kv_lengths must be [B] = [{batch}], got {tuple(kv_lengths.shape)}")
         return
     check_lengths(kv_lengths, batch, n, op)
-
-
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, *,
-                           shared_queries: bool, grouped: bool) -> None:
-    """Shape/dtype checks that need no device sync (safe while torch.compile traces the caller).
-
-    q: [B, T, Hq, D], or also [T, Hq, D] when ``shared_queries``; k, v: [B, N, Hkv, D] with Hq % Hkv == 0
-    when ``grouped``, else Hq == Hkv.
-    """
-    if k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"{op}: k and v must both be [B, N, H, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.dim() != 4 and not (q.dim() == 3 and shared_queries):
-        raise ValueError(f"{op}: bad query shape {tuple(q.shape)}")
-    heads_ok = q.shape[-2] % k.shape[2] == 0 if grouped else q.shape[-2] == k.shape[2]
-    if q.shape[-1] != k.shape[-1] or not heads_ok or (q.dim() == 4 and q.shape[0] != k.shape[0]):
-        raise ValueError(f"{op}: queries {tuple(q.shape)} do not match keys {tuple(k.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise TypeError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k, v must be on one device")
-
-
-def softmax_scale(q: torch.Tensor, scale: float | None) -> float:
-    """The softmax scale: ``scale``, or 1/sqrt(D) for q [..., D]."""
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 # ------------------------------------------------------------------------------- torch.library registration

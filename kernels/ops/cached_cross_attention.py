@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import INTERPRETED, check_attention_inputs, register_attention_op, softmax_scale
+from ..reference import check_attention_inputs, softmax_scale
+from .attention import INTERPRETED, register_attention_op
 
 __all__ = ["cached_cross_attention", "INTERPRETED"]
 

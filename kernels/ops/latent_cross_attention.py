@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import INTERPRETED, check_attention_inputs, register_attention_op, softmax_scale
+from ..reference import check_attention_inputs, softmax_scale
+from .attention import INTERPRETED, register_attention_op
 
 __all__ = ["latent_cross_attention", "INTERPRETED"]
 

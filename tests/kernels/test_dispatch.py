@@ -55,8 +55,11 @@ def test_unknown_backend_raises(monkeypatch):
 def test_auto_on_cpu(monkeypatch, native):
     monkeypatch.setattr(dispatch, "native_available", lambda device_type="cpu": native)
     assert dispatch.resolve("embedding_concat", CPU) == ("native" if native else "reference")
-    assert dispatch.resolve("latent_cross_attention", CPU) == "reference"
-    assert dispatch.resolve("cached_cross_attention", CPU) == "reference"
+    assert dispatch.resolve("latent_cross_attention", CPU) == "sdpa"
+    assert dispatch.resolve("cached_cross_attention", CPU) == "sdpa"
+    # few keys: the reference is faster on CPU (measured; see dispatch.SDPA_MIN_KEYS)
+    assert dispatch.resolve("cached_cross_attention", CPU, dispatch.SDPA_MIN_KEYS - 1) == "reference"
+    assert dispatch.resolve("latent_cross_attention", CPU, dispatch.SDPA_MIN_KEYS) == "sdpa"
     assert dispatch.resolve("cached_cross_attention", torch.device("cuda")) == "triton"
 
 
@@ -68,7 +71,10 @@ def test_forced_backends(monkeypatch):
     with kernels.use_backend("native"):
         with pytest.warns(RuntimeWarning, match="native kernel library"):
             assert dispatch.resolve("embedding_concat", CPU) == "reference"
-        assert dispatch.resolve("cached_cross_attention", CPU) == "reference"  # no native attention
+        assert dispatch.resolve("cached_cross_attention", CPU) == "sdpa"  # no native attention: auto
+    with kernels.use_backend("sdpa"):
+        assert dispatch.resolve("cached_cross_attention", torch.device("cuda")) == "sdpa"
+        assert dispatch.resolve("embedding_concat", CPU) == "reference"  # no SDPA embedding: auto
     with kernels.use_backend("triton"):
         monkeypatch.setattr(dispatch, "triton_interpreted", lambda: False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -106,7 +112,7 @@ def test_select_backend_sets_the_switch_and_names_the_path(monkeypatch, case):
     line = kernels.select_backend(case != "reference", device)
     want = {"reference": ("reference", "PyTorch reference ops"), "cuda_triton": ("triton", "fused Triton"),
             "cuda_no_triton": ("reference", "not installed"), "cpu_native": ("native", "native C++"),
-            "cpu_no_native": ("reference", "not built")}[case]
+            "cpu_no_native": ("sdpa", "not built")}[case]
     assert kernels.get_backend() == want[0]
     assert line.startswith("kernels: ") and want[1] in line and "\n" not in line
 
@@ -142,7 +148,7 @@ def test_no_import_circle_inside_kernels():
         graph[name] = deps
     # the parse sees the edges (the lazy op imports of dispatch too)
     assert "dispatch" in graph[""] and {"env", "ops.cached_cross_attention"} <= graph["dispatch"], graph
-    assert graph["ops.cached_cross_attention"] == {"ops.attention"} and "env" in graph["ops.attention"], graph
+    assert graph["ops.cached_cross_attention"] == {"ops.attention", "reference"} and "env" in graph["ops.attention"], graph
     state: dict[str, int] = {}
 
     def visit(node, trail):

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..cli import run_cli
+from ..cli import run_cli, user_errors
 from ..config import parse_config
-from ..errors import UserError
 from .config import ExploreConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .run import run
 
-    cfg = parse_config(argv, cls=ExploreConfig, prog="python -m userllm.explore",
-                       description=ExploreConfig.__doc__)
-    try:
+    cfg = parse_config(argv, cls=ExploreConfig)
+    with user_errors():                # library code's ValueError / TypeError about bad input: one line
         run(cfg)
-    except (ValueError, TypeError) as exc:  # model code's errors about bad input: one line, exit status 2
-        raise UserError(str(exc)) from None
     return 0
 
 

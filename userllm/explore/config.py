@@ -3,14 +3,15 @@
 The command line / ``--config FILE`` machinery is :func:`userllm.config.parse_config` (the parser is
 generated from these dataclass fields, as for ``python -m userllm.train``); the shared options (data,
 encoder, LLM) keep the names and meanings they have there, and :meth:`ExploreConfig.train_config` hands
-them to the builders of :mod:`userllm.train`.
+them to the builders of :mod:`userllm.factory`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
-from ..config import TrainConfig, _suggest, check_fields, opt
+from ..config import DataOptions, TrainConfig, opt
 from ..errors import UserError
 from .clusters import FEEDBACK_RULES
 
@@ -26,17 +27,11 @@ def shared(name: str):
 
 
 @dataclass
-class ExploreConfig:
+class ExploreConfig(DataOptions):
     """Options of ``python -m userllm.explore`` (defaults: the synthetic data, a few CPU minutes)."""
 
-    # data
-    dataset: str = shared("dataset")
-    data_path: str | None = shared("data_path")
-    cache_dir: str | None = shared("cache_dir")
-    synthetic_users: int = shared("synthetic_users")
-    synthetic_items: int = shared("synthetic_items")
-    synthetic_events: int = shared("synthetic_events")
-    min_user_events: int = shared("min_user_events")
+    PROG: ClassVar[str] = "python -m userllm.explore"
+
     # interest clusters, novel transitions, feedback
     clusters: int = opt(20, "K: interest clusters (KMeans over the encoder's item embeddings)", min=2)
     window: int = opt(10, "history window: an event is novel when its cluster is absent from the window's "
@@ -92,11 +87,7 @@ class ExploreConfig:
     threads: int = opt(1, "torch CPU threads (0 = torch's default)", min=0)
     out: str | None = opt(None, "run directory (default: runs/explore-<dataset>-<time>)")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        check_fields(self)
+    def check(self) -> None:
         self.n_list  # noqa: B018 - parses and checks --n-values
         if self.pretrain_window < self.window:
             raise UserError(f"--pretrain-window: {self.pretrain_window} is less than --window {self.window}")
@@ -116,19 +107,8 @@ class ExploreConfig:
             raise UserError(f"--n-values: expected integers >= 1, got {self.n_values!r}")
         return ns
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict, *, source: str = "config") -> "ExploreConfig":
-        names = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in names:
-                raise UserError(f"{source}: unknown key {key!r}" + _suggest(key, names))
-        return cls(**d)
-
     def train_config(self, seed: int) -> TrainConfig:
-        """The :class:`TrainConfig` of the shared options, for :mod:`userllm.train`'s builders
+        """The :class:`TrainConfig` of the shared options, for :mod:`userllm.factory`'s builders
         (cross-attention integration; the task field is unused here)."""
         shared = ("dataset", "data_path", "cache_dir", "synthetic_users", "synthetic_items", "synthetic_events",
                   "min_user_events", "window", "encoder", "encoder_checkpoint", "encoder_dim", "encoder_layers",

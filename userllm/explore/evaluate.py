@@ -161,7 +161,8 @@ def target_met(results: dict[str, dict], n_list: Sequence[int], max_n: int = 16,
 def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     """{method: {metric: {"mean", "std", "values"}}} over seeds (None values are left out of the mean)."""
     out: dict[str, dict] = {}
-    for m in per_seed[0]:
+    order = lambda m: (0, BASELINES.index(m)) if m in BASELINES else (1, int(m.rsplit("-", 1)[1]))  # noqa: E731
+    for m in sorted(per_seed[0], key=order):    # baselines, then best-of-n by n (a reloaded result is sorted)
         out[m] = {}
         for k in (*METRICS, "users"):
             vals = [r[m][k] for r in per_seed if r[m].get(k) is not None]

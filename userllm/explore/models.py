@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from ..data.examples import gather_windows
 from ..decoding import UserLLMStepper, left_pad
 from ..text_prompt import target_text
-from ..train import batch_for_step
-from ..training import cosine_with_warmup, optimizer_step, progress
+from ..loop import batch_for_step, cosine_with_warmup, optimizer_step, progress
 from .clusters import recent_clusters
 from .sampling import constrained_sample, user_trie
 
@@ -170,7 +169,7 @@ class NoveltyLLM:
         prompt_ids = p.with_bos([p.novelty(r) for r in ctx.recent])
 
         def loss_of_step(step: int) -> torch.Tensor:
-            idx = batch_for_step(len(ctx), step, cfg.batch_size, seed)
+            idx, _, _ = batch_for_step(len(ctx), step, cfg.batch_size, seed, drop_last=True)
             seqs = [prompt_ids[i] + p.label_ids[targets[i]] + [eos] for i in idx]
             ids, mask, labels = right_pad(seqs, p.tok.pad_token_id, [len(prompt_ids[i]) for i in idx])
             feats, lengths = window_features(self.ds, ctx.take(idx), self.device)
@@ -229,7 +228,7 @@ class AlignedLLM:
             weight[:] = 1.0
 
         def loss_of_step(step: int) -> torch.Tensor:
-            idx = batch_for_step(len(ctx), step, cfg.batch_size, seed)
+            idx, _, _ = batch_for_step(len(ctx), step, cfg.batch_size, seed, drop_last=True)
             rng = np.random.default_rng([seed, 7, step])
             pair_ctx, cand, label = [], [], []
             for i in idx.tolist():

@@ -19,6 +19,7 @@ and ``seed_<s>/clusters.json`` (labels and sizes).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..training import pick_device, seed_everything, write_metrics, write_run_config
+from ..factory import ENCODER_FILE, build_llm, build_model, check_encoder_fits, load_data
+from ..loop import pick_device, seed_everything
+from ..runs import write_metrics, write_run_config
 from ..utils.atomic import write_json, write_text
 from . import evaluate as ev
 from .clusters import build_clusters, event_clusters, last_per_user, novel_transitions, split_users
@@ -40,18 +43,18 @@ RESULT_FILE = "result.json"
 
 def pretrain_on_train_users(cfg: ExploreConfig, ds, test_users: np.ndarray, seed: int, device, out: Path, log):
     """A fresh encoder pretrained (userllm.pretrain's recipe) on the training users' train-part windows."""
-    from .. import pretrain
     from ..data.examples import PretrainWindows
     from ..encoders import save_encoder
+    from ..encoders.pretraining import pretrain_encoder
 
-    pcfg = pretrain.PretrainConfig(dataset=cfg.dataset, encoder=cfg.encoder, window=cfg.pretrain_window,
-                                   steps=cfg.pretrain_steps, d_model=cfg.encoder_dim, layers=cfg.encoder_layers,
-                                   warmup=min(50, cfg.pretrain_steps // 10), seed=seed, out=str(out))
+    # The brief pretraining of userllm.train (its recipe at these data, encoder, width, depth and seed),
+    # over --pretrain-window events.
+    pcfg = dataclasses.replace(cfg.train_config(seed).pretrain_config(out), window=cfg.pretrain_window)
     windows = PretrainWindows(ds, pcfg.window, "train", stride=pcfg.effective_stride)
     keep = ~test_users[windows.user]
     windows.user, windows.start, windows.end = windows.user[keep], windows.start[keep], windows.end[keep]
-    encoder, stats = pretrain.pretrain_encoder(ds, pcfg, device, windows=windows, desc="pretrain encoder")
-    save_encoder(encoder.cpu(), out / pretrain.ENCODER_FILE)
+    encoder, stats = pretrain_encoder(ds, pcfg, device, windows=windows, desc="pretrain encoder")
+    save_encoder(encoder.cpu(), out / ENCODER_FILE)
     log(f"encoder: pretrained on {int((~test_users).sum())} training users for {stats['steps']} steps, "
         f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f} ({stats['train_seconds']:.0f}s)")
     return encoder.to(device).eval(), stats
@@ -64,14 +67,7 @@ def load_encoder_checkpoint(cfg: ExploreConfig, ds, device):
     if not path.is_file():
         raise UserError(f"--encoder-checkpoint {path}: file not found")
     encoder = load_encoder(path, device)
-    have = [(f.name, f.num_embeddings) for f in encoder.config.feature_specs]
-    want = [(s.name, s.num_embeddings) for s in ds.feature_specs]
-    if have != want:
-        raise UserError(f"--encoder-checkpoint {path}: the encoder was trained on other data (features {have}, "
-                        f"this dataset {want})")
-    if encoder.config.max_len < cfg.window:
-        raise UserError(f"--encoder-checkpoint {path}: handles at most {encoder.config.max_len} events but "
-                        f"--window is {cfg.window}")
+    check_encoder_fits(encoder, ds, cfg.window, f"--encoder-checkpoint {path}")
     return encoder
 
 
@@ -93,8 +89,6 @@ def prepare(cfg: ExploreConfig, out: Path, log=print) -> Shared:
     """Data, user split and encoder (seeded by ``--seed``), and the LLM. They are shared by the seeds, as
     pretrained models are: the repo's evaluations also score every seed on the same users; the seeds vary
     the clusters (KMeans initialisation), both LLMs' training and the sampling."""
-    from ..train import build_llm, load_data
-
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     tcfg = cfg.train_config(cfg.seed)
@@ -110,8 +104,6 @@ def prepare(cfg: ExploreConfig, out: Path, log=print) -> Shared:
 
 def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print) -> dict:
     """Cluster, train both LLMs and evaluate for ``seed``; writes ``out/picks.jsonl`` and ``out/clusters.json``."""
-    from ..train import build_model
-
     t0 = time.time()
     seed_everything(seed)
     ds, encoder, device = shared.ds, shared.encoder, shared.device
@@ -206,7 +198,7 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
     ev.plot_curve(agg, cfg.n_list, out / "curve.png", f"Best-of-n exploration: {title}")
-    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0]["encoder"], "mean": agg,
+    metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0].get("encoder"), "mean": agg,
                "target": ev.target_met(mean_results, cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "per_seed": per_seed}
     write_metrics(out, metrics)
