@@ -48,14 +48,15 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.safetensors"
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint in ``run_dir``, oldest first."""
+def list_checkpoints(run_dir: str | os.PathLike, pattern: re.Pattern = _NAME) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``run_dir``, oldest first (``pattern``: the file
+    names, the step as its group 1; :mod:`userllm.fsdp` passes its sharded directories' pattern)."""
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
+        m = pattern.match(p.name)
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)

@@ -109,6 +109,9 @@ class DataOptions(Options):
     synthetic_items: int = opt(400, "synthetic data: items", min=2)
     synthetic_events: int = opt(60, "synthetic data: mean events per user (uniform in [2/3, 4/3] of it)", min=6)
     min_user_events: int = opt(5, "drop users with fewer events (leave-last-out needs >= 3)", min=3)
+    workers: int = opt(0, "DataLoader worker processes gathering training batches ahead of the step "
+                       "(0 = in the training process); the batches are the same either way", min=0,
+                       resumable=True)
 
 
 @dataclass
@@ -174,6 +177,9 @@ class TrainConfig(DataOptions):
     # optimisation
     steps: int = opt(1000, "training steps; may be changed on --resume (the learning-rate schedule is "
                      "always the one of the final --steps)", min=1, resumable=True)
+    stride: int = opt(1, "rows between training targets of a user, counted back from the newest (1 = every "
+                            "train event is a target: the paper's windows; 19.6M on MovieLens-20M at window 50)",
+                            min=1)
     max_train_examples: int = opt(0, "train on a fixed random subset of this many examples (0 = all; "
                                   "small values overfit on purpose, for debugging)", min=0)
     batch_size: int = opt(64, "global batch size (split across DDP ranks)", min=1)

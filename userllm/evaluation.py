@@ -25,8 +25,8 @@ import torch
 
 from .data.examples import Examples, collate
 from .decoding import HFStepper, UserLLMStepper, constrained_beam_search, greedy_decode, recall_from_beams
-from .loop import eval_mode, progress
-from .metrics import KS, label_ranks, metrics_from_ranks
+from .loop import progress
+from .metrics import KS
 
 EVAL_FILE = "eval.json"
 EVAL_SEED = 1234   # the users a User-LLM run is scored on do not depend on its training seed
@@ -139,28 +139,14 @@ def popularity_baseline(ds, train_examples: Examples, examples: Examples, catalo
 
 
 # ------------------------------------------------------------------------------------ encoder pretraining
-@torch.no_grad()
 def rank_next_items(encoder, ds, evalset, idx: np.ndarray, device: torch.device, filter_seen: bool,
                     popularity: torch.Tensor | None = None, batch_size: int = 256) -> dict[str, dict]:
     """{"encoder": metrics, ["popularity": metrics]} over examples ``idx`` of a NextItemEval set: full
-    ranking of every item by the encoder's next-item scores (and by ``popularity``)."""
-    from .loop import autocast
+    ranking of every item by the encoder's next-item scores (and by ``popularity``), on ``device``
+    (:func:`userllm.ranking.evaluate_next_item`: in place, popularity ranked once, memory ~5 x batch x items)."""
+    from .ranking import evaluate_next_item
 
-    labels_all = evalset.examples.labels
-    idx = idx[labels_all[idx] > 0]               # an UNK target cannot be ranked
-    ranks = {"encoder": [], "popularity": []}
-    with eval_mode(encoder):
-        for a in range(0, len(idx), batch_size):
-            b = idx[a:a + batch_size]
-            batch = collate(ds, evalset.examples, b)
-            seen = evalset.seen_mask(b, ds.num_items, keep_target=True) if filter_seen else None
-            with autocast(device):
-                scores = encoder.score_next([x.to(device) for x in batch.features], batch.lengths.to(device))
-            ranks["encoder"].append(label_ranks(scores.float().cpu(), batch.labels, seen))
-            if popularity is not None:
-                pop = popularity[None].expand(len(b), -1)
-                ranks["popularity"].append(label_ranks(pop, batch.labels, seen))
-    return {k: metrics_from_ranks(torch.cat(v), KS) for k, v in ranks.items() if v}
+    return evaluate_next_item(encoder, ds, evalset, idx, device, filter_seen, popularity, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -245,7 +231,7 @@ def evaluate_run(run, split: str = "test", log: Callable[..., None] = print) -> 
     from .utils.atomic import write_json
 
     cfg, ds = run.cfg, run.ds
-    train_ex = make_examples(ds, cfg.task, cfg.window, "train")
+    train_ex = make_examples(ds, cfg.task, cfg.window, "train", cfg.stride)
     test_ex = eval_subset(make_examples(ds, cfg.task, cfg.window, split), cfg.eval_users)
     results = evaluate_and_report(cfg, run.model, run.batcher, ds, train_ex, test_ex, run.device, run.amp, log,
                                   split=split)

@@ -49,7 +49,7 @@ from .errors import UserError
 from .evaluation import eval_subset, evaluate_and_report
 from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, check_paths,
                       checkpoint_modules, count_parameters, fill_readout, load_data, make_batcher, set_threads)
-from .loop import (amp_factory, batch_for_step, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
+from .loop import (amp_factory, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
                    seed_everything, train_loop)
 from .runs import (METRICS_LOG, MetricsLogger, cleanup_on_failure, open_run, read_jsonl, write_metrics,
                    write_run_config)
@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None, resuming: bool) -> dict:
-    from .data.examples import collate, make_examples
+    from .data.examples import make_examples
 
     log = print if dist.main else (lambda *a, **k: None)
     device = dist.device
@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     if not dist.main:
         ds = load_data(cfg)
         llm, tok = build_llm(cfg, ds, log)
-    train_ex = make_examples(ds, cfg.task, cfg.window, "train")
+    train_ex = make_examples(ds, cfg.task, cfg.window, "train", cfg.stride)
     if cfg.max_train_examples:
         train_ex = eval_subset(train_ex, cfg.max_train_examples, seed=cfg.seed)
     test_ex = eval_subset(make_examples(ds, cfg.task, cfg.window, "test"), cfg.eval_users)
@@ -167,10 +167,16 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
         return loss
 
+    from .data.loader import EpochBatchSampler, WindowDataset, make_loader
+
+    # This rank's shard of each global batch, in the order of userllm.data.loader (resume included).
+    sampler = EpochBatchSampler(len(train_ex), cfg.batch_size, seed=cfg.seed, drop_last=True, rank=dist.rank,
+                                world=dist.world, start_step=step, steps=cfg.steps)
+    batches = iter(make_loader(WindowDataset(train_ex, ds), sampler, workers=cfg.workers, device=device))
+
     def step_fn(step: int):
         t0 = time.perf_counter()
-        idx, _, _ = batch_for_step(len(train_ex), step, cfg.batch_size, cfg.seed, drop_last=True)
-        events = collate(ds, train_ex, idx[dist.rank::dist.world])
+        events = next(batches)
         lb = batcher.train_batch(events).to(device)
         if profiler is not None and profiler.train_step is None:
             box: list[torch.Tensor] = []

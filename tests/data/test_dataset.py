@@ -214,7 +214,7 @@ def test_file_dataset_cached_by_mtime(tmp_path, fake_reader):
     a = load_dataset("movielens", f, cache_dir=cache, min_user_events=3)
     b = load_dataset("movielens", f, cache_dir=cache, min_user_events=3)
     assert len(fake_reader) == 1 and b.from_cache and _same_ds(a, b) and b.source == str(f)
-    assert b.events.summary.tolist() == [f"s{i}" for i in range(7)] and b.events.text.tolist() == [None] * 7
+    assert b.events.summary.to_list() == [f"s{i}" for i in range(7)] and b.events.text.to_list() == [None] * 7
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000))
     c = load_dataset("movielens", f, cache_dir=cache, min_user_events=3)
@@ -290,3 +290,69 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
     shutil.rmtree(entry)
     assert not load_dataset("synthetic", cache_dir=tmp_path, synthetic=TINY).from_cache
     assert not stale.exists() and fresh.exists() and entry.is_dir()
+
+
+def test_favgenre_labels_are_cached_with_the_dataset(tmp_path, monkeypatch):
+    from userllm.data import examples as emod
+
+    cfg = SyntheticConfig(num_users=40, num_items=60, num_categories=5, min_events=5, max_events=30, seed=2)
+    calls = []
+    real = emod.favorite_categories
+    monkeypatch.setattr(emod, "favorite_categories", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ds = load_dataset("synthetic", synthetic=cfg, cache_dir=tmp_path)
+    first = emod.make_examples(ds, "favgenre", 10, "train", stride=2)
+    again = emod.make_examples(load_dataset("synthetic", synthetic=cfg, cache_dir=tmp_path), "favgenre", 10,
+                               "train", stride=2)
+    assert len(calls) == 1 and np.array_equal(first.labels, again.labels)
+    assert first.labels.dtype == np.int64
+    emod.make_examples(ds, "favgenre", 10, "train", stride=3)            # another stride: its own file
+    assert len(calls) == 2
+    # a damaged or wrong-sized file is recomputed, never trusted
+    derived = Path(ds.cache_path) / dmod.DERIVED_DIR / "favgenre-train-w10-s2.npy"
+    derived.write_bytes(derived.read_bytes()[:-3] + b"\x00\x00\x00")
+    assert np.array_equal(emod.make_examples(ds, "favgenre", 10, "train", stride=2).labels, first.labels)
+    assert len(calls) == 3
+    assert dmod.cached_derived(ds, "favgenre-train-w10-s2", len(first) + 1, lambda: np.zeros(len(first) + 1)
+                               ).tolist() == [0] * (len(first) + 1)
+    # without a cache entry it is plain computation
+    plain = load_dataset("synthetic", synthetic=cfg, use_cache=False)
+    assert np.array_equal(emod.make_examples(plain, "favgenre", 10, "train", stride=2).labels, first.labels)
+
+
+def test_review_texts_stay_arrow_through_the_cache(tmp_path):
+    import pyarrow as pa
+
+    from userllm.data.events import TextColumn
+
+    cfg = SyntheticConfig(num_users=30, num_items=40, min_events=5, max_events=20, seed=4)
+    built = load_dataset("synthetic", synthetic=cfg, cache_dir=tmp_path)
+    cached = load_dataset("synthetic", synthetic=cfg, cache_dir=tmp_path)
+    assert cached.from_cache and isinstance(cached.events.summary, TextColumn)
+    assert isinstance(cached.events.summary.arrow, (pa.Array, pa.ChunkedArray))   # not Python strings
+    assert cached.events.summary == built.events.summary and cached.events.text == built.events.text
+    rows = np.arange(0, cached.num_events, 7)
+    assert cached.review_texts(rows, "text") == built.review_texts(rows, "text")
+    want = [t or s or "" for t, s in zip(built.events.text.to_list(rows), built.events.summary.to_list(rows))]
+    assert cached.review_texts(rows, "text") == want
+
+
+def test_text_column_basics():
+    from userllm.data.events import TextColumn
+
+    col = TextColumn(np.array(["a", None, "", "dd"], dtype=object))
+    assert len(col) == 4 and col[0] == "a" and col[1] is None and list(col) == ["a", None, "", "dd"]
+    assert col.nonempty().tolist() == [True, False, False, True]
+    assert col.take([3, 0]).to_list() == ["dd", "a"] and col.filter(col.nonempty()) == ["a", "dd"]
+    other = TextColumn(["x", "y", "z", "w"])
+    assert col.or_else(other).to_list() == ["a", "y", "z", "dd"]
+
+
+def test_category_feature_is_gathered_from_the_item_table():
+    ds = process_events(dmod.generate_synthetic(SyntheticConfig(num_users=20, num_items=30, min_events=5,
+                                                                max_events=15, seed=1)))
+    cat = ds.features["category"]
+    assert isinstance(cat, dmod.PerItemFeature) and cat.shape == (ds.num_events, ds.item_categories.shape[1])
+    dense = ds.item_categories[ds.features["item"]]           # by vocab id: the same table, other indexing
+    assert np.array_equal(np.asarray(cat), dense)
+    rows = np.array([[3, 0], [7, 7]])
+    assert np.array_equal(cat[rows], dense[rows]) and cat[rows].shape == (2, 2, cat.shape[1])

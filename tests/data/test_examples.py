@@ -169,7 +169,7 @@ def test_collate_shapes_and_padding(ds_syn):
     assert b.rows.tolist() == ex.target[idx].tolist() and b.labels.tolist() == ex.labels[idx].tolist()
     assert b.target[0].tolist() == ex.labels[idx].tolist() and tuple(b.target[2].shape) == (B, K)
     # an event whose item has no category is a row of -1 inside the real length
-    empty_rows = np.flatnonzero((ds_syn.features["category"] < 0).all(axis=1))
+    empty_rows = np.flatnonzero((np.asarray(ds_syn.features["category"]) < 0).all(axis=1))
     assert len(empty_rows)
     hit = np.flatnonzero(np.isin(ex.target - 1, empty_rows))[0]  # an example whose last input is one
     b = collate(ds_syn, ex, [hit])

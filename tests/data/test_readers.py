@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from userllm.data.events import EventTable
+from userllm.data.events import EventTable, TextColumn
 from userllm.data.readers import (
     detect_movielens_format,
     read_amazon,
@@ -197,9 +197,9 @@ def test_amazon_plain_with_sibling_meta():
     assert ev.items.categories == [(), ("Clothing, Shoes & Jewelry", "Men", "Shirts"), ()]  # first record wins
     assert rows_of(ev) == [("A2ZX", "B0002", 1441324800, 5.0), ("A1QQ", "B0001", 1441411200, 3.0),
                            ("A2ZX", "0005019281", 1441497600, 1.0), ("A3PP", "B0001", 1441584000, 4.0)]
-    assert ev.summary.tolist() == ["Five Stars", "Okay", "Bad", "Four Stars"]
-    assert ev.text.tolist() == ["Great, fits well.", "", "Broke après une semaine ☹", "Nice"]  # missing -> ""
-    assert ev.summary.dtype == object and ev.text.dtype == object
+    assert ev.summary.to_list() == ["Five Stars", "Okay", "Bad", "Four Stars"]
+    assert ev.text.to_list() == ["Great, fits well.", "", "Broke après une semaine ☹", "Nice"]  # missing -> ""
+    assert isinstance(ev.summary, TextColumn) and isinstance(ev.text, TextColumn)
 
 
 def test_amazon_gz_dir_and_plain_agree():
@@ -207,7 +207,7 @@ def test_amazon_gz_dir_and_plain_agree():
     gz = read_events("amazon", FIX / "amazon_gz")
     assert rows_of(plain) == rows_of(gz)
     assert plain.items.titles == gz.items.titles and plain.items.categories == gz.items.categories
-    assert plain.text.tolist() == gz.text.tolist()
+    assert plain.text.to_list() == gz.text.to_list()
     no_meta = read_amazon(FIX / "amazon_gz" / "Fixture_5.json.gz", meta_path=FIX / "amazon" / "meta_Fixture.json")
     assert no_meta.items.titles == gz.items.titles
 
@@ -287,7 +287,7 @@ def test_google_local_plain_and_gz():
     assert ev.items.categories == [("Restaurant", "Diner"), (), ()]
     assert ev.timestamp.tolist() == [1628100851, 1612150000, 1630000000]  # milliseconds -> seconds
     assert ev.rating.tolist() == [5.0, 4.0, 2.0]
-    assert ev.text.tolist() == ["Great food, friendly staff", "", "Meh"]
+    assert ev.text.to_list() == ["Great food, friendly staff", "", "Meh"]
     # review-<State>_10.json.gz finds meta-<State>.json.gz beside it.
     gz = read_google_local(FIX / "google_local_gz" / "review-Fixture_10.json.gz")
     assert rows_of(gz) == rows_of(ev) and gz.items.titles == ev.items.titles

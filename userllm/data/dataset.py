@@ -26,25 +26,29 @@ lives). Touching or replacing an input therefore makes a new entry. An entry is 
 catalog, manifest) and an Arrow IPC file for review strings; ``manifest.json`` records the SHA-256 and
 size of every other file, and an entry is used only if all of them match and the arrays are consistent.
 Anything else (a truncated, corrupt or partial entry) is rebuilt and replaced, never trusted.
+Arrays derived later from a processed dataset (task labels: :func:`cached_derived`) live in the entry's
+``derived/`` folder, each file with its own SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 
 from ..errors import DataError, UserError
 from ..utils.atomic import atomic_directory
-from ..utils.cache import read_manifest, write_manifest
-from .events import EventTable, ItemCatalog
+from ..utils.cache import read_manifest, sha256_file, write_manifest
+from .events import EventTable, ItemCatalog, TextColumn
 from .synthetic import SyntheticConfig, generate_synthetic
 from .vocab import PAD_ID, Vocabulary, rating_vocabulary
 
@@ -65,6 +69,42 @@ class FeatureSpec:
     multi_valued: bool = False
 
 
+class PerItemFeature:
+    """An event feature that depends only on the event's item: ``feature[rows] = table[item[rows]]``,
+    computed when indexed, so the [E, K] per-event array never exists (1.3 GB of int64 for MovieLens-20M's
+    20M events x 8 genre slots; the per-item table is 27k x 8). Indexing (any NumPy index, e.g. an
+    int64 [B, L] array of rows) costs one extra gather of B x L item ids.
+
+    table: int64 [I, K] per catalog item; item: int64 [E] catalog index of each event.
+    ``np.asarray(feature)`` materialises the whole [E, K] array (tests, small data).
+    """
+
+    def __init__(self, table: np.ndarray, item: np.ndarray):
+        self.table, self.item = table, item
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.item),) + self.table.shape[1:]
+
+    @property
+    def ndim(self) -> int:
+        return self.table.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.table.dtype
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    def __getitem__(self, rows):
+        return self.table[self.item[rows]]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.table[self.item]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class ProcessedDataset:
     """A dataset ready for example construction (see the module docstring for how it is built).
@@ -72,7 +112,8 @@ class ProcessedDataset:
     events:   :class:`EventTable` sorted by (user, timestamp, source row); users and items dense.
     offsets:  int64 [U + 1]; user u's events are rows ``offsets[u]:offsets[u + 1]`` (every user has >= 1).
     vocabs:   {"item", "rating", "category"} -> :class:`Vocabulary`.
-    features: per sorted event: "item" int64 [E], "rating" int64 [E], "category" int64 [E, K] (-1 padded).
+    features: per sorted event: "item" int64 [E], "rating" int64 [E], "category" int64 [E, K] (-1 padded;
+              a :class:`PerItemFeature`: indexing it gathers from the per-item table).
     feature_specs: [item, rating, category] :class:`FeatureSpec` s.
     item_index:      int64 [V_item]: catalog index (row of ``events.items``) of each item vocab id, -1 for UNK.
     item_categories: int64 [V_item, K]: category ids of each item vocab id (-1 padded; all -1 for UNK).
@@ -82,7 +123,7 @@ class ProcessedDataset:
     events: EventTable
     offsets: np.ndarray
     vocabs: dict[str, Vocabulary]
-    features: dict[str, np.ndarray]
+    features: dict[str, np.ndarray | PerItemFeature]
     feature_specs: list[FeatureSpec]
     item_index: np.ndarray
     item_categories: np.ndarray
@@ -129,20 +170,24 @@ class ProcessedDataset:
             return [t or "" for t in vocab.decode(arr.ravel())]
         return [[t for t in row if t is not None] for row in vocab.decode(arr.reshape(len(arr), -1))]
 
-    def review_texts(self, rows: Any, field: str = "summary") -> list[str]:
-        """The review string of sorted event rows: ``field`` ("summary" or "text"), falling back to the
-        other column when that one is missing for a row; "" when neither exists."""
+    def review_column(self, rows: Any, field: str = "summary") -> TextColumn:
+        """The review strings of sorted event rows as a :class:`TextColumn`: ``field`` ("summary" or
+        "text"), falling back to the other column where that one is missing or empty for a row; None
+        where neither has a string. Vectorised (Arrow take / if_else): no per-row Python work."""
         if field not in ("summary", "text"):
             raise ValueError(f"review_texts: field must be 'summary' or 'text', got {field!r}")
         other = "text" if field == "summary" else "summary"
+        rows = np.asarray(rows, dtype=np.int64).ravel()
         first, second = getattr(self.events, field), getattr(self.events, other)
-        out = []
-        for r in np.asarray(rows, dtype=np.int64).ravel().tolist():
-            s = first[r] if first is not None else None
-            if not s and second is not None:
-                s = second[r]
-            out.append(s or "")
-        return out
+        if first is None and second is None:
+            return TextColumn(pa.nulls(len(rows), pa.large_string()))
+        if first is None or second is None:
+            return (first if second is None else second).take(rows)
+        return first.take(rows).or_else(second.take(rows))
+
+    def review_texts(self, rows: Any, field: str = "summary") -> list[str]:
+        """:meth:`review_column` as ``list[str]`` ("" where no review exists)."""
+        return [s or "" for s in self.review_column(rows, field).to_list()]
 
 
 # ---------------------------------------------------------------------------------------- processing
@@ -233,8 +278,8 @@ def process_events(events: EventTable, *, name: str | None = None, source: str |
         user=user, item=item, timestamp=np.asarray(events.timestamp[order], dtype=np.int64),
         rating=np.asarray(events.rating[order], dtype=np.float32),
         user_ids=np.asarray(events.user_ids)[users_kept], items=catalog,
-        summary=None if events.summary is None else np.asarray(events.summary, dtype=object)[order],
-        text=None if events.text is None else np.asarray(events.text, dtype=object)[order],
+        summary=None if events.summary is None else events.summary.take(order),
+        text=None if events.text is None else events.text.take(order),
         name=name, meta=dict(events.meta),
     )
     offsets = np.r_[0, np.cumsum(np.bincount(user, minlength=len(users_kept)))].astype(np.int64)
@@ -262,7 +307,6 @@ def _rating_ids(rating: np.ndarray) -> tuple[Vocabulary, np.ndarray]:
     Hash-based (Arrow ``dictionary_encode``, O(E)) instead of sorting all E ratings: a source has few
     distinct rating values.
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     encoded = pc.dictionary_encode(pa.array(np.asarray(rating)))
@@ -313,7 +357,7 @@ def _assemble(name, events, offsets, item_vocab, rating_vocab, category_vocab, i
     features = {
         "item": item_to_vocab[events.item],
         "rating": np.asarray(rating_ids, dtype=np.int64),
-        "category": item_cat_table[events.item],
+        "category": PerItemFeature(item_cat_table, events.item),
     }
     specs = [FeatureSpec("item", len(item_vocab), False), FeatureSpec("rating", len(rating_vocab), False),
              FeatureSpec("category", len(category_vocab), True)]
@@ -361,7 +405,6 @@ def _compact(a: np.ndarray) -> np.ndarray:
 
 def _write_entry(dest: Path, key: str, ds: ProcessedDataset, item_to_vocab: np.ndarray,
                  item_cat_table: np.ndarray) -> None:
-    import pyarrow as pa
 
     ev = ds.events
     arrays = {
@@ -380,7 +423,7 @@ def _write_entry(dest: Path, key: str, ds: ProcessedDataset, item_to_vocab: np.n
                                                      ensure_ascii=False))
         cols = {c: getattr(ev, c) for c in ("summary", "text") if getattr(ev, c) is not None}
         if cols:
-            table = pa.table({c: pa.array(v, type=pa.large_string()) for c, v in cols.items()})
+            table = pa.table({c: v.arrow for c, v in cols.items()})
             with pa.OSFile(str(tmp / "reviews.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                 w.write_table(table)
         write_manifest(tmp, key=key, format=FORMAT_VERSION, name=ds.name, source=ds.source, options=ds.options,
@@ -389,7 +432,6 @@ def _write_entry(dest: Path, key: str, ds: ProcessedDataset, item_to_vocab: np.n
 
 def _read_entry(entry: Path, key: str) -> ProcessedDataset:
     """Load and validate a cache entry; any problem raises (the caller rebuilds)."""
-    import pyarrow as pa
 
     manifest = read_manifest(entry)
     if manifest.get("key") != key or manifest.get("format") != FORMAT_VERSION:
@@ -400,12 +442,12 @@ def _read_entry(entry: Path, key: str) -> ProcessedDataset:
     vocabs = {k: Vocabulary.from_dict(v) for k, v in json.loads((entry / "vocabs.json").read_text()).items()}
     catalog_doc = json.loads((entry / "catalog.json").read_text())
     E, U, I = manifest["num_events"], manifest["num_users"], len(a["item_raw_ids"])
-    cols: dict[str, np.ndarray] = {}
+    cols: dict[str, TextColumn] = {}
     if manifest["columns"]:
-        with pa.memory_map(str(entry / "reviews.arrow")) as src:
-            table = pa.ipc.open_file(src).read_all()
+        # Memory-mapped, never converted to Python strings: the Arrow buffers keep the mapping alive.
+        table = pa.ipc.open_file(pa.memory_map(str(entry / "reviews.arrow"))).read_all()
         for c in manifest["columns"]:
-            cols[c] = np.asarray(table.column(c).to_pylist(), dtype=object)
+            cols[c] = TextColumn(table.column(c))
     checks = [len(a[k]) == E for k in ("user", "item", "timestamp", "rating", "rating_ids")]
     checks += [len(v) == E for v in cols.values()]
     checks += [len(a["offsets"]) == U + 1, a["offsets"][-1] == E, len(a["user_ids"]) == U,
@@ -425,6 +467,41 @@ def _read_entry(entry: Path, key: str) -> ProcessedDataset:
                    a["item_cat_table"].astype(np.int64), a["rating_ids"], manifest["source"], manifest["options"])
     ds.cache_path, ds.from_cache = str(entry), True
     return ds
+
+
+DERIVED_DIR = "derived"
+
+
+def cached_derived(ds: ProcessedDataset, name: str, length: int, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()`` (an integer array that depends only on ``ds``, e.g. task labels), cached in the
+    dataset's cache entry as ``derived/<name>.npy`` beside its SHA-256 (``<name>.sha256``).
+
+    Each file is written atomically; a file whose checksum does not match (a crash between the two
+    writes, a damaged disk) or length does not match is recomputed and replaced, never trusted. Without a cache entry
+    (``use_cache=False``) this is just ``compute()``. Loads give int64 (the file is stored compactly).
+    """
+    from ..utils.atomic import write_bytes, write_text
+
+    if not ds.cache_path:
+        return np.asarray(compute(), dtype=np.int64)
+    folder = Path(ds.cache_path) / DERIVED_DIR
+    path, digest_path = folder / f"{name}.npy", folder / f"{name}.sha256"
+    try:
+        if path.is_file() and digest_path.is_file() and sha256_file(path) == digest_path.read_text().strip():
+            value = np.load(path, allow_pickle=False)
+            if value.shape == (length,):
+                return value.astype(np.int64)
+    except (OSError, ValueError) as exc:
+        log.warning("derived cache file %s is unusable (%s); recomputing it", path, exc)
+    value = np.asarray(compute(), dtype=np.int64)
+    buf = io.BytesIO()
+    np.save(buf, _compact(value), allow_pickle=False)
+    try:
+        write_bytes(path, buf.getvalue())
+        write_text(digest_path, hashlib.sha256(buf.getvalue()).hexdigest())
+    except OSError as exc:  # an unwritable cache costs a recomputation next time, not this run
+        log.warning("could not write the derived cache file %s (%s)", path, exc)
+    return value
 
 
 def _remove_stale_temporaries(entry: Path, max_age_s: float = 3600.0) -> None:

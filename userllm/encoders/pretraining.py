@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import UserError
-from ..loop import autocast, batch_for_step, check_finite_weights, cosine_with_warmup, optimizer_step, train_loop
+from ..loop import autocast, check_finite_weights, cosine_with_warmup, optimizer_step, train_loop
 from ..metrics import popularity_scores
 from . import build_encoder
 
@@ -81,10 +81,17 @@ def pretrain_encoder(ds, cfg, device: torch.device, *, windows=None, resume_from
     if step > total_steps:
         raise UserError(f"--steps {total_steps}: the run is already at step {step}")
     encoder.train()
+    from ..data.loader import EpochBatchSampler, WindowDataset, make_loader
+
+    # One sampler/loader for the run: the order of userllm.data.loader (the epoch's permutation drawn once,
+    # a resume starts at the batch of `step` without replaying the ones before it).
+    sampler = EpochBatchSampler(len(windows), cfg.batch_size, seed=cfg.seed, drop_last=False, start_step=step,
+                                steps=total_steps)
+    batches = iter(make_loader(WindowDataset(windows), sampler, workers=cfg.workers, device=device))
 
     def step_fn(step: int):
-        idx, epoch, index = batch_for_step(len(windows), step, cfg.batch_size, cfg.seed, drop_last=False)
-        batch = windows.batch(idx)
+        epoch, index = sampler.position(step)
+        batch = next(batches)
         with autocast(device):
             loss, per_feature = encoder.next_event_loss([x.to(device) for x in batch.features],
                                                         batch.lengths.to(device))

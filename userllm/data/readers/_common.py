@@ -34,7 +34,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from ...errors import DataError
-from ..events import EventTable, ItemCatalog
+from ..events import EventTable, ItemCatalog, TextColumn
 
 # ---------------------------------------------------------------------------------------------- files
 
@@ -474,9 +474,9 @@ def as_str_array(values: pa.Array) -> np.ndarray:
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=str)
 
 
-def text_column(column: pa.ChunkedArray) -> np.ndarray:
-    """Arrow string column -> object [N] array of ``str`` (missing/null values become "")."""
-    return column.fill_null("").to_numpy()
+def text_column(column: pa.ChunkedArray) -> TextColumn:
+    """Arrow string column -> :class:`TextColumn` (missing/null values become ""), kept in Arrow."""
+    return TextColumn(column.fill_null(""))
 
 
 def build_catalog(
@@ -528,8 +528,8 @@ def assemble(
     timestamp: np.ndarray,
     rating: np.ndarray,
     catalog_for,
-    summary: np.ndarray | None = None,
-    text: np.ndarray | None = None,
+    summary: TextColumn | None = None,
+    text: TextColumn | None = None,
     meta: dict | None = None,
 ) -> EventTable:
     """Factorize the id columns and build the EventTable (events stay in source order).
