@@ -58,7 +58,8 @@ def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path
     """With as many beams as catalogue entries the constrained beam search is exact, so its recall must
     equal that of the exhaustive likelihood ranking; the CLI writes both."""
     from userllm.data.examples import make_examples
-    from userllm.diagnostics import catalogue_likelihood_recall, main as diagnostics_main
+    from userllm.diagnose import main as diagnostics_main
+    from userllm.diagnostics import catalogue_likelihood_recall
     from userllm.evaluation import generate_and_score
     from userllm.factory import load_run
 

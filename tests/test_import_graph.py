@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"userllm": REPO / "userllm", "userllm.kernels": REPO / "kernels", "userllm.profiling": REPO / "profiling"}
 # The stage commands. Each is a thin script over the library; none may import another, and nothing in the
 # package imports one (``python -m userllm COMMAND`` dispatches by name, with importlib).
-ENTRY_POINTS = {"userllm.train", "userllm.pretrain", "userllm.evaluate", "userllm.generate",
+ENTRY_POINTS = {"userllm.train", "userllm.pretrain", "userllm.evaluate", "userllm.generate", "userllm.diagnose",
                 "userllm.profiling.compare"}
 
 
