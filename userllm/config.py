@@ -273,6 +273,14 @@ class TrainConfig(DataOptions):
                     n_heads=2, dropout=0.1, max_len=self.window + 1)
 
 
+def shared(name: str) -> Any:
+    """The field ``name`` of :class:`TrainConfig` (default, help, choices, bounds) for another command's options
+    dataclass (``python -m userllm.explore``, ``.journeys``), so that an option both take means the same in both."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    md = f.metadata
+    return opt(f.default, md["help"], choices=md.get("choices"), min=md.get("min"), max=md.get("max"))
+
+
 @dataclass
 class PretrainConfig(DataOptions):
     """Options of ``python -m userllm.pretrain``: user-encoder pretraining on next-event prediction."""

@@ -8,8 +8,10 @@ resumptions) and the stop on a non-finite loss (:class:`TrainingDiverged`: no ch
 written, the last good one is named). The stage supplies one step (``step_fn``), its log record and its
 checkpoint.
 
-The data order is a pure function of (seed, step) (:func:`batch_for_step`), so a resumed run continues
-exactly where the interrupted one was.
+Both stages take their batches from :mod:`userllm.data.loader` (an epoch sampler seeded by (seed, epoch) that
+starts at the resumed step), so a resumed run continues exactly where the interrupted one was.
+:func:`batch_for_step` (a pure function of (seed, step)) orders the small in-memory example sets of
+``python -m userllm.explore``.
 """
 
 from __future__ import annotations

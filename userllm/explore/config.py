@@ -8,23 +8,12 @@ them to the builders of :mod:`userllm.factory`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import DataOptions, TrainConfig, opt
+from ..config import DataOptions, TrainConfig, opt, shared
 from ..errors import UserError
 from .clusters import FEEDBACK_RULES
-
-_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
-
-
-def shared(name: str):
-    """The field ``name`` of :class:`TrainConfig` (default, help, choices, bounds), so that an option both
-    commands take means the same in both."""
-    f = _TRAIN_FIELDS[name]
-    md = f.metadata
-    return opt(f.default, md["help"], choices=md.get("choices"), min=md.get("min"), max=md.get("max"))
-
 
 @dataclass
 class ExploreConfig(DataOptions):

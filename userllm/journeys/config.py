@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..config import ENCODERS, INTEGRATIONS, TrainConfig, check_fields, opt
-from ..explore.config import shared  # TrainConfig's definition of an option both commands take
+from ..config import ENCODERS, INTEGRATIONS, TrainConfig, check_fields, opt, shared
 from ..errors import UserError
 
 CLUSTERINGS = ("agglomerative", "online")
