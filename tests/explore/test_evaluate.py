@@ -60,3 +60,22 @@ def test_target_needs_a_gain_and_diversity_within_ten_percent():
     assert ev.target_met(mean, [1, 2, 4]) == {"met": False, "n": []}
     mean["best-of-2"]["distinct"] = 19.0
     assert ev.target_met(mean, [1, 2, 4], max_n=1)["met"] is False     # only n <= max_n counts
+
+
+def test_cluster_bias_share_separates_a_global_ranking_from_a_per_user_one():
+    from userllm.explore.concentration import cluster_bias_share, concentration
+
+    rng = np.random.default_rng(0)
+    bias = rng.normal(size=8)
+    # Every user ranks the clusters by the same bias (plus its own offset): fully user-independent.
+    same = [{c: float(bias[c] + u) for c in rng.choice(8, 5, replace=False)} for u in range(50)]
+    assert cluster_bias_share(same) == pytest.approx(1.0)
+    # Independent scores per user: the cluster means explain little.
+    own = [{c: float(rng.normal()) for c in rng.choice(8, 5, replace=False)} for _ in range(400)]
+    assert cluster_bias_share(own) < 0.05
+    records = [{"picks": {"popular": 0, "aligned-all": 1, "best-of-2": 1}, "samples": {"2": [1, 1]},
+                "aligned_all": {"0": 0.0, "1": 1.0}},
+               {"picks": {"popular": 0, "aligned-all": 1, "best-of-2": 0}, "samples": {"2": [0, 2]},
+                "aligned_all": {"0": 0.0, "1": 1.0, "2": -1.0}}]
+    rows = concentration(records)["methods"]
+    assert rows["best-of-2"] == {"popular_share": 0.5, "aligned_top_share": 0.5, "candidates": 1.5}
