@@ -192,9 +192,9 @@ class TrainConfig(DataOptions):
     bf16: bool = opt(True, "bf16 autocast (GPU only; CPU always runs float32)")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:N", resumable=True)
-    threads: int = opt(0, "torch CPU threads; 0 = automatic: 1 for the embedded tiny LLM on CPU (its "
-                       "matmuls are too small to gain from threads, and lose several-fold on a busy machine), "
-                       "torch's default otherwise", min=0, resumable=True)
+    threads: int = opt(0, "torch CPU threads; 0 = automatic: for the embedded tiny LLM on CPU, the cores "
+                       "idle at start (OMP_NUM_THREADS when set; userllm.utils.cpu), else torch's default",
+                       min=0, resumable=True)
     # run
     out: str | None = opt(None, "run directory (default: runs/<dataset>-<task>-<model>-<time>)", resumable=True)
     resume: bool = opt(False, "continue the run in --out from its latest checkpoint", resumable=True)
