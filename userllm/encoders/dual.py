@@ -10,15 +10,20 @@ Label tower: the label feature's embedding (the user tower's table, shared) -> M
 
 Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (multi-interest max; k = 1 is the
 plain cosine). Loss: softmax cross-entropy of the true next item against ``negatives="in_batch"``
-(the other rows' labels; copies of the row's own label are masked out) or ``negatives="sampled"``
+(the other rows' labels; copies of the row's own label are masked out), ``negatives="sampled"``
 (``num_negatives`` ids drawn uniformly from the vocabulary, shared by the batch, copies of the label
-masked). Labels that are padding or UNK are ignored.
+masked), ``negatives="mixed"`` (mixed negative sampling, Yang et al. WWW 2020: the in-batch labels plus
+``num_negatives`` uniform ids shared by the batch) or ``negatives="all"`` (the exact softmax over every
+real item: the label tower runs over the whole catalogue each step, [V, d], cheap next to the user tower
+for a 10k-item catalogue). Labels that are padding or UNK are ignored.
 
 In-batch negatives are drawn by popularity: an item that is a label in many windows is a negative in many
 batches, so without correction the model learns to push popular items down. ``logq_correction``
 (Yi et al., RecSys 2019) subtracts log p(item) from every in-batch logit, where p is the item's share of
 the training labels, given once with :meth:`DualEncoder.set_label_frequencies` (the pretraining stage
-passes the train-part item counts; until then the correction is zero).
+passes the train-part item counts; until then the correction is zero). With ``"mixed"`` a candidate's
+expected count in a step is ``B p(item) + n / (V - 1)`` (B in-batch draws by popularity, n uniform ones over
+the V - 1 real ids), and its log is subtracted instead. ``"sampled"`` (uniform) and ``"all"`` need none.
 
 Only the user tower is used downstream: ``forward`` returns [B, k, d_model] with an all-True mask.
 """
@@ -38,14 +43,14 @@ from .autoregressive import EncoderConfig
 from .transformer import CausalTransformer, EncoderOutput, EventEmbedding, init_linear_weights, length_mask
 
 FUSIONS = ("attention", "last")
-NEGATIVES = ("in_batch", "sampled")
+NEGATIVES = ("in_batch", "sampled", "mixed", "all")
 
 
 @dataclass
 class DualEncoderConfig(EncoderConfig):
     """EncoderConfig plus: num_user_embeddings (k), fusion, negatives, num_negatives, temperature,
     label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
-    negatives only)."""
+    and mixed negatives only)."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
@@ -187,6 +192,23 @@ class DualEncoder(nn.Module):
             eye = torch.eye(len(label), dtype=torch.bool, device=label.device)
             logits = logits.masked_fill(same & ~eye, float("-inf"))
             target = torch.arange(len(label), device=label.device)
+        elif self.config.negatives == "mixed":
+            V = self.features[self.label_index].num_embeddings
+            B, n = len(label), self.config.num_negatives
+            neg = torch.randint(1, max(V, 2), (n,), device=label.device)   # uniform over real ids
+            cand = torch.cat([label, neg])                                   # [B + n]
+            logits = self.scores(user, self.label_embeddings(cand))          # [B, B + n]
+            if self.config.logq_correction:
+                expected = B * self.label_log_q[cand].double().exp() + n / max(V - 1, 1)
+                logits = logits - expected.log().float()[None, :]
+            target = torch.arange(B, device=label.device)
+            own = torch.zeros(B, B + n, dtype=torch.bool, device=label.device)
+            own[target, target] = True
+            logits = logits.masked_fill((cand[None, :] == label[:, None]) & ~own, float("-inf"))
+        elif self.config.negatives == "all":
+            logits = self.scores(user, self.label_embeddings())              # [B, V]
+            logits[:, 0] = float("-inf")                                     # UNK is never a candidate
+            target = label
         else:
             V = self.features[self.label_index].num_embeddings
             # Uniform over real ids 1..V-1 (UNK 0 never a candidate); drawn from torch's RNG so that
