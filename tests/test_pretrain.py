@@ -133,6 +133,10 @@ def test_config_defaults_are_valid():
         PretrainConfig(fusion="mean").validate()
     assert cfg.window == 50 and cfg.effective_stride == 50
     assert PretrainConfig(encoder="dual").effective_stride == 1
+    assert PretrainConfig(encoder="dual", dual_targets="all").effective_stride == 50
+    assert PretrainConfig(encoder="dual", dual_targets="all").total_steps(130) == 40 * 3
+    with pytest.raises(UserError, match="--dual-targets all: needs --fusion last"):
+        PretrainConfig(encoder="dual", dual_targets="all", user_embeddings=2).validate()
     assert cfg.total_steps(130) == 40 * 3 and PretrainConfig(steps=7).total_steps(130) == 7
     assert PretrainConfig(encoder="dual").total_steps(130) == 2 * 3
     assert PretrainConfig(epochs=1.5).total_steps(130) == 5

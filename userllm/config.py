@@ -290,11 +290,13 @@ class PretrainConfig(DataOptions):
     encoder: str = opt("ar", "ar (autoregressive) | dual (two-tower) | sasrec (the SASRec peer, item ids only)",
                        choices=ENCODERS)
     window: int = opt(50, "events of history per example (the encoder's max_len is window + 1)", min=1)
-    stride: int = opt(0, "rows between training windows; 0 = window (ar, sasrec) / 1 (dual)", min=0)
+    stride: int = opt(0, "rows between training windows; 0 = window (ar, sasrec, dual --dual-targets all) / 1 "
+                      "(dual)", min=0)
     steps: int = opt(0, "optimizer steps; 0 = --epochs passes over the training windows; may be changed on "
                      "--resume (the schedule is always the one of the final length)", min=0, resumable=True)
     epochs: float = opt(0.0, "training length in passes over the windows when --steps is 0; 0 = 40 (ar) / 2 "
-                        "(dual) / 200 (sasrec, the reference code's length; use --patience)", min=0.0, resumable=True)
+                        "(dual; 40 with --dual-targets all) / 200 (sasrec, the reference code's length; use "
+                        "--patience)", min=0.0, resumable=True)
     batch_size: int = opt(64, "windows per step", min=1)
     lr: float = opt(0.0, "peak learning rate (AdamW); 0 = 3e-3 (ar) / 1e-3 (dual, sasrec)", min=0.0)
     warmup: int = opt(50, "linear warmup steps before the cosine decay", min=0)
@@ -314,6 +316,9 @@ class PretrainConfig(DataOptions):
                       "defaults)", choices=("attention", "last"))
     negatives: str = opt("in_batch", "dual: in_batch | sampled (uniform) | mixed (in-batch + uniform) | all "
                          "(exact softmax over every item)", choices=("in_batch", "sampled", "mixed", "all"))
+    dual_targets: str = opt("last", "dual: last (one label per window, stride 1) | all (every event of a window "
+                            "is a label for its prefix, stride = window; needs --fusion last, --user-embeddings 1)",
+                            choices=("last", "all"))
     num_negatives: int = opt(256, "dual, sampled / mixed: uniform negatives per step", min=1)
     temperature: float = opt(0.07, "dual: softmax temperature of the cosine scores (> 0)")
     logq_correction: bool = opt(True, "dual, in_batch / mixed: correct in-batch negatives' popularity bias "
@@ -349,6 +354,8 @@ class PretrainConfig(DataOptions):
             raise UserError(f"--d-model: {self.d_model} must be divisible by --heads ({self.heads})")
         if self.dataset == "synthetic" and self.data_path is not None:
             raise UserError("--data-path: the synthetic dataset takes none")
+        if self.encoder == "dual" and self.dual_targets == "all" and (self.fusion, self.user_embeddings) != ("last", 1):
+            raise UserError("--dual-targets all: needs --fusion last and --user-embeddings 1")
         if self.patience and not self.eval_every:
             raise UserError("--patience: needs --eval-every N (the validations it counts)")
         if self.patience and self.resume:
@@ -367,11 +374,12 @@ class PretrainConfig(DataOptions):
 
     @property
     def effective_stride(self) -> int:
-        return self.stride or (1 if self.encoder == "dual" else self.window)
+        return self.stride or (1 if self.encoder == "dual" and self.dual_targets == "last" else self.window)
 
     def total_steps(self, num_windows: int) -> int:
         """--steps, or --epochs passes over ``num_windows`` training windows."""
-        epochs = self.epochs or {"ar": 40.0, "dual": 2.0, "sasrec": 200.0}[self.encoder]
+        epochs = self.epochs or {"ar": 40.0, "dual": 2.0 if self.dual_targets == "last" else 40.0,
+                                 "sasrec": 200.0}[self.encoder]
         return self.steps or max(1, math.ceil(epochs * math.ceil(num_windows / self.batch_size)))
 
     def encoder_spec(self, ds) -> dict[str, Any]:
@@ -390,7 +398,7 @@ class PretrainConfig(DataOptions):
         else:
             out.update(num_user_embeddings=self.user_embeddings, fusion=self.fusion, negatives=self.negatives,
                        num_negatives=self.num_negatives, temperature=self.temperature, label_feature="item",
-                       logq_correction=self.logq_correction)
+                       logq_correction=self.logq_correction, targets=self.dual_targets)
         return out
 
 

@@ -142,6 +142,30 @@ def test_mixed_negatives_match_hand_computation(correct):
     assert torch.allclose(loss, F.cross_entropy(logits, rows), atol=1e-5)
 
 
+def test_all_targets_equal_every_prefix_as_its_own_window():
+    """targets="all" (one pass per window) == the mean over every prefix of the one-label loss."""
+    kw = dict(temperature=0.5, negatives="all", fusion="last")
+    enc = make_encoder(targets="all", **kw)
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    feats[0][1, 1] = 0                                                    # an UNK label is skipped
+    loss, _ = enc.next_event_loss(feats, lengths)
+    logits, labels = [], []
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(1, n):
+            label = int(feats[0][b, t])
+            if label <= 0:
+                continue
+            user = enc([x[b:b + 1, :t] for x in feats], torch.tensor([t])).embeddings
+            logits.append(enc.scores(user, enc.label_embeddings())[0])
+            labels.append(label)
+    logits = torch.stack(logits)
+    logits[:, 0] = float("-inf")
+    assert len(labels) == 5 + 1 + 1 + 4
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.tensor(labels)), atol=1e-5)
+    with pytest.raises(ValueError, match="targets='all' needs fusion='last'"):
+        make_encoder(targets="all", fusion="attention")
+
+
 def test_sampled_negatives_exclude_unk_and_follow_torch_rng():
     enc = make_encoder(negatives="sampled", num_negatives=8)
     feats, lengths = make_batch()

@@ -44,13 +44,15 @@ from .transformer import CausalTransformer, EncoderOutput, EventEmbedding, init_
 
 FUSIONS = ("attention", "last")
 NEGATIVES = ("in_batch", "sampled", "mixed", "all")
+TARGETS = ("last", "all")
 
 
 @dataclass
 class DualEncoderConfig(EncoderConfig):
     """EncoderConfig plus: num_user_embeddings (k), fusion, negatives, num_negatives, temperature,
     label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
-    and mixed negatives only)."""
+    and mixed negatives only), targets ("last": one label per window, its last event; "all": every event
+    of the window after the first, see :meth:`DualEncoder.next_event_loss`)."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
@@ -59,6 +61,7 @@ class DualEncoderConfig(EncoderConfig):
     temperature: float = 0.07
     label_feature: str = "item"
     logq_correction: bool = True
+    targets: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +69,11 @@ class DualEncoderConfig(EncoderConfig):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.targets == "all" and (self.fusion != "last" or self.num_user_embeddings != 1):
+            raise ValueError("targets='all' needs fusion='last' and num_user_embeddings=1 (a prefix's user "
+                             "embedding is then the output at its last event)")
         if self.num_user_embeddings < 1 or self.num_negatives < 1 or self.temperature <= 0:
             raise ValueError("num_user_embeddings and num_negatives must be >= 1 and temperature > 0")
         names = [f.name for f in self.feature_specs]
@@ -173,17 +181,46 @@ class DualEncoder(nn.Module):
 
     def next_event_loss(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Each window's last real event is the label, the events before it the history.
+        """``targets="last"``: each window's last real event is the label, the events before it the history.
+        ``targets="all"``: every real event after the first is a label, the events before it its history
+        (with ``fusion="last"``, k = 1 the user embedding of a prefix is the MLP of the causal Transformer's
+        output at its last event, so one pass over the window yields every prefix's user embedding; the
+        candidates of the in-batch / mixed negatives are then all the labels of the batch's windows).
 
-        Returns (loss, {label_feature: detached loss}); windows with < 2 events or an UNK label are ignored.
+        Returns (loss, {label_feature: detached loss}); windows with < 2 events and UNK labels are ignored.
         """
-        history, hist_len, label = self.split_history(features, lengths)
-        keep = label > 0
-        if not bool(keep.any()):
+        if self.config.targets == "all":
+            user, label = self.prefix_users(features, lengths)
+        else:
+            history, hist_len, label = self.split_history(features, lengths)
+            keep = label > 0
+            user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings if bool(keep.any()) else None
+            label = label[keep]
+        if user is None or not len(label):
             zero = self.label_mlp[0].weight.sum() * 0.0
             return zero, {}
-        user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings
-        label = label[keep]
+        return self.contrastive_loss(user, label)
+
+    def prefix_users(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(user embeddings [N, 1, d] of every prefix whose next event has a real label, labels [N]), or
+        (None, empty) when there is none. Needs fusion "last" and k = 1 (checked by the config)."""
+        L = features[0].shape[1]
+        lengths = lengths.to(features[0].device)
+        mask = length_mask(lengths, L)
+        label_ids = features[self.label_index]
+        if label_ids.dim() > 2:
+            raise ValueError("the dual encoder's label feature must be single-valued")
+        src = mask[:, 1:] & (label_ids[:, 1:] > 0)                             # [B, L - 1]
+        if L < 2 or not bool(src.any()):
+            return None, label_ids.new_zeros(0)
+        h = self.transformer(self.embed(features))[:, :-1][src]               # [N, d]
+        return self.fuse_mlp(h).unsqueeze(1), label_ids[:, 1:][src]
+
+    def contrastive_loss(self, user: torch.Tensor, label: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Softmax cross-entropy of label [B] (real ids) for user embeddings [B, k, d] against the
+        ``negatives`` candidates (module docstring)."""
         if self.config.negatives == "in_batch":
             logits = self.scores(user, self.label_embeddings(label))          # [B, B]
             if self.config.logq_correction:
