@@ -5,10 +5,11 @@
         --out runs/ml-small
 
 Training data: :class:`userllm.data.PretrainWindows` over each user's train part (the validation and
-test events are never seen). The AR encoder learns next-event prediction at every position of a window
-(stride ``window`` by default: every train transition predicted once per epoch); the dual encoder learns
-the last event of each window from the events before it (stride 1 by default: one window per train
-target). Optimizer AdamW, cosine schedule with linear warmup, gradient clipping; bf16 autocast on CUDA.
+test events are never seen). The AR encoder (and the SASRec peer, ``--encoder sasrec``) learns next-event
+prediction at every position of a window (stride ``window`` by default: every train transition predicted
+once per epoch); the dual encoder learns the last event of each window from the events before it (stride 1
+by default: one window per train target), or with ``--dual-targets all`` every event from its prefix
+(stride ``window``). Optimizer AdamW, cosine schedule with linear warmup, gradient clipping; bf16 autocast on CUDA.
 
 Evaluation (leave-last-out, full ranking over all items): each user's last event is the test target and
 the ``window`` events before it the input; Recall@1/5/10 and NDCG@10 of the encoder's next-item scores
