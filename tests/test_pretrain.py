@@ -133,8 +133,39 @@ def test_config_defaults_are_valid():
         PretrainConfig(fusion="mean").validate()
     assert cfg.window == 50 and cfg.effective_stride == 50
     assert PretrainConfig(encoder="dual").effective_stride == 1
+    assert PretrainConfig(encoder="dual", dual_targets="all").effective_stride == 50
+    assert PretrainConfig(encoder="dual", dual_targets="all").total_steps(130) == 40 * 3
+    with pytest.raises(UserError, match="--dual-targets all: needs --fusion last"):
+        PretrainConfig(encoder="dual", dual_targets="all", user_embeddings=2).validate()
     assert cfg.total_steps(130) == 40 * 3 and PretrainConfig(steps=7).total_steps(130) == 7
     assert PretrainConfig(encoder="dual").total_steps(130) == 2 * 3
     assert PretrainConfig(epochs=1.5).total_steps(130) == 5
     with pytest.raises(UserError, match="--epochs"):
         PretrainConfig(epochs=float("nan")).validate()
+
+
+def test_early_stopping_keeps_the_best_validation(tmp_path, cache):
+    from userllm.pretrain import EarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    stop = EarlyStopping(patience=2)
+    assert not stop.update(10, 0.2, model)
+    best = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not stop.update(20, 0.2, model)                       # equal is not better
+    assert stop.update(30, 0.1, model) and stop.step == 10 and stop.score == 0.2
+    assert torch.equal(stop.state["weight"], best)
+    out = tmp_path / "es"
+    assert main(tiny(out, cache, "--encoder", "sasrec", "--steps", "40", "--eval-every", "2", "--patience", "1",
+                     "--lr", "1e-5", "--checkpoint-every", "100")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 40 and m["steps_run"] < 40 and m["best_val_step"] <= m["steps_run"]
+    assert (out / "checkpoints" / f"step_{m['steps_run']:08d}.safetensors").is_file()
+
+
+def test_patience_needs_validation_and_a_fresh_run():
+    with pytest.raises(UserError, match="--patience: needs --eval-every"):
+        PretrainConfig(patience=2).validate()
+    with pytest.raises(UserError, match="--patience: not with --resume"):
+        PretrainConfig(patience=2, eval_every=5, resume=True).validate()

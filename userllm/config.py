@@ -302,15 +302,18 @@ class PretrainConfig(DataOptions):
 
     PROG: ClassVar[str] = "python -m userllm.pretrain"
 
-    encoder: str = opt("ar", "ar (autoregressive) | dual (two-tower)", choices=ENCODERS)
+    encoder: str = opt("ar", "ar (autoregressive) | dual (two-tower) | sasrec (the SASRec peer, item ids only)",
+                       choices=ENCODERS)
     window: int = opt(50, "events of history per example (the encoder's max_len is window + 1)", min=1)
-    stride: int = opt(0, "rows between training windows; 0 = window (ar) / 1 (dual)", min=0)
+    stride: int = opt(0, "rows between training windows; 0 = window (ar, sasrec, dual --dual-targets all) / 1 "
+                      "(dual)", min=0)
     steps: int = opt(0, "optimizer steps; 0 = --epochs passes over the training windows; may be changed on "
                      "--resume (the schedule is always the one of the final length)", min=0, resumable=True)
     epochs: float = opt(0.0, "training length in passes over the windows when --steps is 0; 0 = 40 (ar) / 2 "
-                        "(dual)", min=0.0, resumable=True)
+                        "(dual; 40 with --dual-targets all) / 200 (sasrec, the reference code's length; use "
+                        "--patience)", min=0.0, resumable=True)
     batch_size: int = opt(64, "windows per step", min=1)
-    lr: float = opt(0.0, "peak learning rate (AdamW); 0 = 3e-3 (ar) / 1e-3 (dual)", min=0.0)
+    lr: float = opt(0.0, "peak learning rate (AdamW); 0 = 3e-3 (ar) / 1e-3 (dual, sasrec)", min=0.0)
     warmup: int = opt(50, "linear warmup steps before the cosine decay", min=0)
     min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of --lr", min=0.0, max=1.0)
     weight_decay: float = opt(0.05, "AdamW weight decay of the weight matrices (not tables, biases, norms)",
@@ -326,11 +329,17 @@ class PretrainConfig(DataOptions):
     user_embeddings: int = opt(1, "dual: k user embeddings", min=1)
     fusion: str = opt("last", "dual: last (last k events) | attention (k learned queries; learns poorly at the "
                       "defaults)", choices=("attention", "last"))
-    negatives: str = opt("in_batch", "dual: in_batch | sampled", choices=("in_batch", "sampled"))
-    num_negatives: int = opt(256, "dual: sampled negatives per step", min=1)
+    negatives: str = opt("in_batch", "dual: in_batch | sampled (uniform) | mixed (in-batch + uniform) | all "
+                         "(exact softmax over every item)", choices=("in_batch", "sampled", "mixed", "all"))
+    dual_targets: str = opt("last", "dual: last (one label per window, stride 1) | all (every event of a window "
+                            "is a label for its prefix, stride = window; needs --fusion last, --user-embeddings 1)",
+                            choices=("last", "all"))
+    num_negatives: int = opt(256, "dual, sampled / mixed: uniform negatives per step", min=1)
     temperature: float = opt(0.07, "dual: softmax temperature of the cosine scores (> 0)")
-    logq_correction: bool = opt(True, "dual, in_batch: correct in-batch negatives' popularity bias "
-                                "(log p(item) subtracted)")
+    logq_correction: bool = opt(True, "dual, in_batch / mixed: correct in-batch negatives' popularity bias "
+                                "(log p(item), or log of the expected count with mixed, subtracted)")
+    sasrec_loss: str = opt("bce", "sasrec: bce (the paper's: one sampled negative per position) | ce (full "
+                           "softmax, RecBole's default)", choices=("bce", "ce"))
     seed: int = opt(0, "seed of the initialization and the data order")
     out: str = opt("runs/pretrain", "run directory", resumable=True)
     resume: bool = opt(False, "continue the run in --out from its latest checkpoint", resumable=True)
@@ -341,6 +350,8 @@ class PretrainConfig(DataOptions):
                             resumable=True)
     eval_every: int = opt(0, "report validation metrics every N steps; 0 = at the end only", min=0,
                           resumable=True)
+    patience: int = opt(0, "early stopping: stop after N validations (--eval-every) without a better validation "
+                        "Recall@10 and keep the best one's weights; 0 = off", min=0)
     max_eval_users: int = opt(0, "evaluate a fixed random subset of users; 0 = all", min=0, resumable=True)
     checkpoint_every: int = opt(200, "steps between checkpoints", min=1, resumable=True)
     keep_checkpoints: int = opt(3, "checkpoints kept (newest); 0 = all", min=0, resumable=True)
@@ -358,6 +369,12 @@ class PretrainConfig(DataOptions):
             raise UserError(f"--d-model: {self.d_model} must be divisible by --heads ({self.heads})")
         if self.dataset == "synthetic" and self.data_path is not None:
             raise UserError("--data-path: the synthetic dataset takes none")
+        if self.encoder == "dual" and self.dual_targets == "all" and (self.fusion, self.user_embeddings) != ("last", 1):
+            raise UserError("--dual-targets all: needs --fusion last and --user-embeddings 1")
+        if self.patience and not self.eval_every:
+            raise UserError("--patience: needs --eval-every N (the validations it counts)")
+        if self.patience and self.resume:
+            raise UserError("--patience: not with --resume (the best validation's weights are kept in memory only)")
         if self.checkpoint is not None and not self.resume:
             raise UserError("--checkpoint: only with --resume (the checkpoint of the run to continue)")
         if self.dataset != "synthetic" and self.data_path is None:
@@ -367,15 +384,17 @@ class PretrainConfig(DataOptions):
     def effective_lr(self) -> float:
         # Measured on the synthetic default (540 steps): the dual encoder at 3e-3 ends below popularity
         # (Recall@10 0.017 vs 0.047); at 1e-3 it reaches 0.137.
+        # SASRec: the paper's 1e-3.
         return self.lr or (3e-3 if self.encoder == "ar" else 1e-3)
 
     @property
     def effective_stride(self) -> int:
-        return self.stride or (self.window if self.encoder == "ar" else 1)
+        return self.stride or (1 if self.encoder == "dual" and self.dual_targets == "last" else self.window)
 
     def total_steps(self, num_windows: int) -> int:
         """--steps, or --epochs passes over ``num_windows`` training windows."""
-        epochs = self.epochs or (40.0 if self.encoder == "ar" else 2.0)
+        epochs = self.epochs or {"ar": 40.0, "dual": 2.0 if self.dual_targets == "last" else 40.0,
+                                 "sasrec": 200.0}[self.encoder]
         return self.steps or max(1, math.ceil(epochs * math.ceil(num_windows / self.batch_size)))
 
     def encoder_spec(self, ds) -> dict[str, Any]:
@@ -389,10 +408,12 @@ class PretrainConfig(DataOptions):
         if self.encoder == "ar":
             weights = {"rating": self.rating_weight, "category": self.category_weight}
             out["loss_weights"] = {k: v for k, v in weights.items() if k in names}
+        elif self.encoder == "sasrec":
+            out.update(loss=self.sasrec_loss, item_feature="item")
         else:
             out.update(num_user_embeddings=self.user_embeddings, fusion=self.fusion, negatives=self.negatives,
                        num_negatives=self.num_negatives, temperature=self.temperature, label_feature="item",
-                       logq_correction=self.logq_correction)
+                       logq_correction=self.logq_correction, targets=self.dual_targets)
         return out
 
 

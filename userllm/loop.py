@@ -160,7 +160,8 @@ def check_finite_weights(modules: Mapping[str, torch.nn.Module], step: int, last
 class LoopResult:
     """What :func:`train_loop` reports.
 
-    step: the step reached (the total); start_step: where this process started (after a resume);
+    step: the step reached (the total, or where ``on_step`` stopped the run early); start_step: where this
+    process started (after a resume);
     first_loss / last_loss: of this process's first and last step (None when no step ran);
     seconds: training time in seconds over the whole run, resumptions included;
     checkpoint: the last checkpoint written (or resumed from).
@@ -187,7 +188,8 @@ def train_loop(step_fn: Callable[[int], tuple[Any, dict]], *, start_step: int, t
     on_log(step, losses, info, seconds) -> shown loss: called every ``log_every`` steps and at the end
         with the losses since the last call (and the last step's info; seconds = training time so far).
     save(step, info, seconds) -> checkpoint path: every ``checkpoint_every`` steps and at the end.
-    on_step(step, bar): after every step (e.g. a validation).
+    on_step(step, bar): after every step (e.g. a validation); a true return value stops the run after that
+        step (early stopping), with a checkpoint of it when ``save`` is given.
     all_finite(loss): whether the step's loss is finite (under DDP: on every rank, so all stop together).
     A non-finite loss raises :class:`TrainingDiverged` naming the step and ``last_checkpoint`` (the
     newest checkpoint written), before anything of that step is logged or saved.
@@ -213,10 +215,11 @@ def train_loop(step_fn: Callable[[int], tuple[Any, dict]], *, start_step: int, t
                 shown = on_log(step, window, info, prior_seconds + time.time() - t0) if on_log else window[-1]
                 window = []
                 bar.set_postfix(loss=f"{shown:.3f}")
-            if on_step is not None:
-                on_step(step, bar)
-            if save is not None and (step % checkpoint_every == 0 or step == total_steps):
+            stop = bool(on_step(step, bar)) if on_step is not None else False
+            if save is not None and (step % checkpoint_every == 0 or step == total_steps or stop):
                 last_checkpoint = save(step, info, prior_seconds + time.time() - t0) or last_checkpoint
+            if stop:
+                break
     finally:
         bar.close()
     return LoopResult(step, start_step, first, last, prior_seconds + time.time() - t0, last_checkpoint)

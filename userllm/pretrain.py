@@ -5,16 +5,20 @@
         --out runs/ml-small
 
 Training data: :class:`userllm.data.PretrainWindows` over each user's train part (the validation and
-test events are never seen). The AR encoder learns next-event prediction at every position of a window
-(stride ``window`` by default: every train transition predicted once per epoch); the dual encoder learns
-the last event of each window from the events before it (stride 1 by default: one window per train
-target). Optimizer AdamW, cosine schedule with linear warmup, gradient clipping; bf16 autocast on CUDA.
+test events are never seen). The AR encoder (and the SASRec peer, ``--encoder sasrec``) learns next-event
+prediction at every position of a window (stride ``window`` by default: every train transition predicted
+once per epoch); the dual encoder learns the last event of each window from the events before it (stride 1
+by default: one window per train target), or with ``--dual-targets all`` every event from its prefix
+(stride ``window``). Optimizer AdamW, cosine schedule with linear warmup, gradient clipping; bf16 autocast on CUDA.
 
 Evaluation (leave-last-out, full ranking over all items): each user's last event is the test target and
 the ``window`` events before it the input; Recall@1/5/10 and NDCG@10 of the encoder's next-item scores
 and of a popularity baseline (item counts over the train part) on the same examples.
 ``--filter-seen`` removes items already in the user's history from the candidates (except the target
-itself; see :mod:`userllm.metrics`). ``--eval-every N`` also reports the validation split every N steps.
+itself; see :mod:`userllm.metrics`). ``--eval-every N`` also reports the validation split every N steps;
+with ``--patience P`` the run stops after P validations without a better validation Recall@10 and the
+encoder keeps the weights of the best one (evaluated on test and saved; ``metrics.json`` has
+``best_val_step`` and ``steps_run``).
 
 Run directory (``--out``): ``config.json``, ``metrics.jsonl`` (training log), ``metrics.json`` (final
 table), ``checkpoints/step_XXXXXXXX.safetensors`` (resumable with ``--resume``; ``--steps`` may be raised
@@ -69,6 +73,23 @@ def eval_indices(n: int, cfg: PretrainConfig) -> np.ndarray:
     return subset_indices(n, cfg.max_eval_users, [cfg.seed, 1])
 
 
+class EarlyStopping:
+    """Tracks the best validation score and a copy of the weights that reached it (``--patience``)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.since = patience, 0
+        self.step, self.score, self.state = 0, float("-inf"), None
+
+    def update(self, step: int, score: float, model: torch.nn.Module) -> bool:
+        """Record validation ``score`` at ``step``; True when ``patience`` validations in a row were no better."""
+        if score > self.score:
+            self.step, self.score, self.since = step, score, 0
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.since += 1
+        return self.since >= self.patience
+
+
 def pretrain(cfg: PretrainConfig) -> int:
     """Run the whole stage for a validated config (see the module docstring); returns 0."""
     out = Path(cfg.out)
@@ -105,15 +126,26 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume_from: Path | None, resuming
     write_run_config(out, cfg.to_dict())
     write_json(out / ENCODER_SPEC_FILE, {"kind": cfg.encoder, "config": cfg.encoder_spec(ds)})
     val_idx = eval_indices(len(val_set), cfg) if val_set is not None else None
+    best = EarlyStopping(cfg.patience)
     with MetricsLogger(out / "metrics.jsonl", resume_step=resume_step if resuming else None) as logger:
-        def validate(step: int, encoder, bar) -> None:
-            if val_set is not None and step % cfg.eval_every == 0 and step < total_steps:
-                val = rank_next_items(encoder, ds, val_set, val_idx, device, cfg.filter_seen)["encoder"]
-                logger.log({"step": step, "split": "val", **val})
-                bar.write(f"step {step}: val recall@10 {val['recall@10']:.4f} ndcg@10 {val['ndcg@10']:.4f}")
+        def validate(step: int, encoder, bar) -> bool:
+            # With --patience the last step is validated too: the weights kept are the best validated ones.
+            if val_set is None or step % cfg.eval_every or (step == total_steps and not cfg.patience):
+                return False
+            val = rank_next_items(encoder, ds, val_set, val_idx, device, cfg.filter_seen)["encoder"]
+            logger.log({"step": step, "split": "val", **val})
+            bar.write(f"step {step}: val recall@10 {val['recall@10']:.4f} ndcg@10 {val['ndcg@10']:.4f}")
+            stop = best.update(step, val["recall@10"], encoder) if cfg.patience else False
+            if stop:
+                bar.write(f"step {step}: early stop, no better validation recall@10 in {cfg.patience} validations; "
+                          f"keeping step {best.step} ({best.score:.4f})")
+            return stop
 
         encoder, stats = pretrain_encoder(ds, cfg, device, windows=windows, resume_from=resume_from,
                                           checkpoint_dir=out, logger=logger, on_step=validate)
+        if best.state is not None:
+            encoder.load_state_dict(best.state)
+            stats["best_val_step"] = best.step
         results = final_evaluation(cfg, ds, encoder, stats, val_set, val_idx, test_set, popularity, device, logger)
     save_encoder(encoder.cpu(), out / ENCODER_FILE,
                  extra={"dataset": cfg.dataset, "data_path": cfg.data_path, "window": cfg.window,
@@ -126,9 +158,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume_from: Path | None, resuming
 def final_evaluation(cfg: PretrainConfig, ds, encoder, stats: dict, val_set, val_idx, test_set,
                      popularity: torch.Tensor, device: torch.device, logger: MetricsLogger) -> dict[str, Any]:
     """The final validation (with --eval-every) and test tables; returns the metrics.json content."""
-    results: dict[str, Any] = {"steps": stats["steps"], "train_seconds": stats["train_seconds"],
+    results: dict[str, Any] = {"steps": stats["steps"], "steps_run": stats["steps_run"],
+                               "train_seconds": stats["train_seconds"],
                                "dataset": cfg.dataset, "encoder": cfg.encoder, "filter_seen": cfg.filter_seen,
                                "window": cfg.window, "num_users": ds.num_users, "num_items": ds.num_items - 1}
+    if "best_val_step" in stats:
+        results["best_val_step"] = stats["best_val_step"]
     if val_set is not None:
         results["val"] = rank_next_items(encoder, ds, val_set, val_idx, device, cfg.filter_seen, popularity)
         print(_table(results["val"], "validation (second-to-last event)"))
@@ -137,7 +172,7 @@ def final_evaluation(cfg: PretrainConfig, ds, encoder, stats: dict, val_set, val
     enc_r10, pop_r10 = results["test"]["encoder"]["recall@10"], results["test"]["popularity"]["recall@10"]
     results["test_recall@10_ratio"] = enc_r10 / pop_r10 if pop_r10 > 0 else None
     print(_table(results["test"], f"test (leave-last-out, full ranking{', seen filtered' if cfg.filter_seen else ''})"))
-    logger.log({"step": stats["steps"], "split": "test", **results["test"]["encoder"]})
+    logger.log({"step": stats["steps_run"], "split": "test", **results["test"]["encoder"]})
     return results
 
 

@@ -44,7 +44,7 @@ def test_user_tower_shape_and_padding_invariance(fusion, k):
     assert enc.score_next(feats, lengths).shape == (4, 30)
 
 
-@pytest.mark.parametrize("negatives", ["in_batch", "sampled"])
+@pytest.mark.parametrize("negatives", ["in_batch", "sampled", "mixed", "all"])
 def test_loss_is_finite_and_trains(negatives):
     enc = make_encoder(negatives=negatives, num_negatives=16, num_user_embeddings=2).train()
     feats, lengths = make_batch(lengths=(6, 5, 4, 6, 3, 6), seed=2)
@@ -100,6 +100,70 @@ def test_logq_correction_subtracts_each_candidates_log_frequency(correct):
     assert "label_log_q" not in enc.state_dict()                          # set from data, never saved
     with pytest.raises(ValueError, match="label counts must be \\[30\\]"):
         enc.set_label_frequencies(torch.ones(29))
+
+
+def test_all_negatives_is_the_exact_softmax_over_real_items():
+    enc = make_encoder(temperature=0.5, negatives="all")
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    rows = torch.arange(4)
+    feats[0][rows, lengths - 1] = torch.tensor([4, 9, 4, 0])             # a duplicate label and an UNK one
+    loss, _ = enc.next_event_loss(feats, lengths)
+    history, hist_len, label = enc.split_history(feats, lengths)
+    keep = torch.tensor([0, 1, 2])
+    u = F.normalize(enc([x[keep] for x in history], hist_len[keep]).embeddings, dim=-1)[:, 0]
+    logits = u @ F.normalize(enc.label_embeddings(), dim=-1).t() / 0.5
+    logits[:, 0] = float("-inf")
+    assert torch.allclose(loss, F.cross_entropy(logits, label[keep]), atol=1e-5)
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_mixed_negatives_match_hand_computation(correct):
+    enc = make_encoder(temperature=0.5, negatives="mixed", num_negatives=5, logq_correction=correct)
+    counts = torch.arange(30.0)
+    enc.set_label_frequencies(counts)
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    rows = torch.arange(4)
+    feats[0][rows, lengths - 1] = torch.tensor([4, 9, 4, 7])
+    torch.manual_seed(5)
+    loss, _ = enc.next_event_loss(feats, lengths)
+    torch.manual_seed(5)
+    neg = torch.randint(1, 30, (5,))
+    history, hist_len, label = enc.split_history(feats, lengths)
+    cand = torch.cat([label, neg])
+    u = F.normalize(enc(history, hist_len).embeddings, dim=-1)[:, 0]
+    logits = u @ F.normalize(enc.label_embeddings(cand), dim=-1).t() / 0.5
+    if correct:
+        p = (counts + 1) / (counts + 1).sum()
+        logits = logits - (4 * p[cand] + 5 / 29).log()[None, :]
+    dup = (cand[None, :] == label[:, None])
+    dup[rows, rows] = False
+    logits = logits.masked_fill(dup, float("-inf"))
+    assert dup[0, 2] and dup[2, 0]                                        # the duplicate label is masked
+    assert torch.allclose(loss, F.cross_entropy(logits, rows), atol=1e-5)
+
+
+def test_all_targets_equal_every_prefix_as_its_own_window():
+    """targets="all" (one pass per window) == the mean over every prefix of the one-label loss."""
+    kw = dict(temperature=0.5, negatives="all", fusion="last")
+    enc = make_encoder(targets="all", **kw)
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    feats[0][1, 1] = 0                                                    # an UNK label is skipped
+    loss, _ = enc.next_event_loss(feats, lengths)
+    logits, labels = [], []
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(1, n):
+            label = int(feats[0][b, t])
+            if label <= 0:
+                continue
+            user = enc([x[b:b + 1, :t] for x in feats], torch.tensor([t])).embeddings
+            logits.append(enc.scores(user, enc.label_embeddings())[0])
+            labels.append(label)
+    logits = torch.stack(logits)
+    logits[:, 0] = float("-inf")
+    assert len(labels) == 5 + 1 + 1 + 4
+    assert torch.allclose(loss, F.cross_entropy(logits, torch.tensor(labels)), atol=1e-5)
+    with pytest.raises(ValueError, match="targets='all' needs fusion='last'"):
+        make_encoder(targets="all", fusion="attention")
 
 
 def test_sampled_negatives_exclude_unk_and_follow_torch_rng():

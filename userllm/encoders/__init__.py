@@ -1,6 +1,7 @@
-"""User encoders: :class:`AutoregressiveEncoder` ("ar") and :class:`DualEncoder` ("dual").
+"""User encoders: :class:`AutoregressiveEncoder` ("ar"), :class:`DualEncoder` ("dual") and the peer
+:class:`SASRecEncoder` ("sasrec", Kang & McAuley 2018: item ids only, for comparison).
 
-Both take ``forward(features: list[Tensor], lengths: Tensor) -> EncoderOutput(embeddings, mask)`` and
+All take ``forward(features: list[Tensor], lengths: Tensor) -> EncoderOutput(embeddings, mask)`` and
 expose ``output_dim``, ``next_event_loss(features, lengths)`` and ``score_next(features, lengths)``.
 
 An encoder file (``save_encoder``) is one safetensors file whose metadata holds the kind and the JSON
@@ -20,12 +21,15 @@ from userllm.utils.atomic import save_safetensors
 
 from .autoregressive import AutoregressiveEncoder, EncoderConfig
 from .dual import DualEncoder, DualEncoderConfig
+from .sasrec import SASRecConfig, SASRecEncoder
 from .transformer import EncoderOutput, Feature
 
-ENCODERS = {"ar": (AutoregressiveEncoder, EncoderConfig), "dual": (DualEncoder, DualEncoderConfig)}
+ENCODERS = {"ar": (AutoregressiveEncoder, EncoderConfig), "dual": (DualEncoder, DualEncoderConfig),
+            "sasrec": (SASRecEncoder, SASRecConfig)}
 METADATA_KEY = "userllm_encoder"
 
-__all__ = ["AutoregressiveEncoder", "DualEncoder", "EncoderConfig", "DualEncoderConfig", "EncoderOutput",
+__all__ = ["AutoregressiveEncoder", "DualEncoder", "SASRecEncoder", "EncoderConfig", "DualEncoderConfig",
+           "SASRecConfig", "EncoderOutput",
            "Feature", "build_encoder", "save_encoder", "load_encoder", "encoder_config"]
 
 
@@ -42,7 +46,7 @@ def encoder_config(kind: str, config: Any) -> EncoderConfig:
 
 
 def build_encoder(kind: str, config: Any) -> torch.nn.Module:
-    """A freshly initialized encoder: ``kind`` in {"ar", "dual"}, ``config`` a config object or dict."""
+    """A freshly initialized encoder: ``kind`` a key of ``ENCODERS``, ``config`` a config object or dict."""
     cfg = encoder_config(kind, config)
     return ENCODERS[kind][0](cfg)
 

@@ -10,15 +10,20 @@ Label tower: the label feature's embedding (the user tower's table, shared) -> M
 
 Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (multi-interest max; k = 1 is the
 plain cosine). Loss: softmax cross-entropy of the true next item against ``negatives="in_batch"``
-(the other rows' labels; copies of the row's own label are masked out) or ``negatives="sampled"``
+(the other rows' labels; copies of the row's own label are masked out), ``negatives="sampled"``
 (``num_negatives`` ids drawn uniformly from the vocabulary, shared by the batch, copies of the label
-masked). Labels that are padding or UNK are ignored.
+masked), ``negatives="mixed"`` (mixed negative sampling, Yang et al. WWW 2020: the in-batch labels plus
+``num_negatives`` uniform ids shared by the batch) or ``negatives="all"`` (the exact softmax over every
+real item: the label tower runs over the whole catalogue each step, [V, d], cheap next to the user tower
+for a 10k-item catalogue). Labels that are padding or UNK are ignored.
 
 In-batch negatives are drawn by popularity: an item that is a label in many windows is a negative in many
 batches, so without correction the model learns to push popular items down. ``logq_correction``
 (Yi et al., RecSys 2019) subtracts log p(item) from every in-batch logit, where p is the item's share of
 the training labels, given once with :meth:`DualEncoder.set_label_frequencies` (the pretraining stage
-passes the train-part item counts; until then the correction is zero).
+passes the train-part item counts; until then the correction is zero). With ``"mixed"`` a candidate's
+expected count in a step is ``B p(item) + n / (V - 1)`` (B in-batch draws by popularity, n uniform ones over
+the V - 1 real ids), and its log is subtracted instead. ``"sampled"`` (uniform) and ``"all"`` need none.
 
 Only the user tower is used downstream: ``forward`` returns [B, k, d_model] with an all-True mask.
 """
@@ -38,14 +43,16 @@ from .autoregressive import EncoderConfig
 from .transformer import CausalTransformer, EncoderOutput, EventEmbedding, init_linear_weights, length_mask
 
 FUSIONS = ("attention", "last")
-NEGATIVES = ("in_batch", "sampled")
+NEGATIVES = ("in_batch", "sampled", "mixed", "all")
+TARGETS = ("last", "all")
 
 
 @dataclass
 class DualEncoderConfig(EncoderConfig):
     """EncoderConfig plus: num_user_embeddings (k), fusion, negatives, num_negatives, temperature,
     label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
-    negatives only)."""
+    and mixed negatives only), targets ("last": one label per window, its last event; "all": every event
+    of the window after the first, see :meth:`DualEncoder.next_event_loss`)."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
@@ -54,6 +61,7 @@ class DualEncoderConfig(EncoderConfig):
     temperature: float = 0.07
     label_feature: str = "item"
     logq_correction: bool = True
+    targets: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +69,11 @@ class DualEncoderConfig(EncoderConfig):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.targets == "all" and (self.fusion != "last" or self.num_user_embeddings != 1):
+            raise ValueError("targets='all' needs fusion='last' and num_user_embeddings=1 (a prefix's user "
+                             "embedding is then the output at its last event)")
         if self.num_user_embeddings < 1 or self.num_negatives < 1 or self.temperature <= 0:
             raise ValueError("num_user_embeddings and num_negatives must be >= 1 and temperature > 0")
         names = [f.name for f in self.feature_specs]
@@ -168,17 +181,46 @@ class DualEncoder(nn.Module):
 
     def next_event_loss(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Each window's last real event is the label, the events before it the history.
+        """``targets="last"``: each window's last real event is the label, the events before it the history.
+        ``targets="all"``: every real event after the first is a label, the events before it its history
+        (with ``fusion="last"``, k = 1 the user embedding of a prefix is the MLP of the causal Transformer's
+        output at its last event, so one pass over the window yields every prefix's user embedding; the
+        candidates of the in-batch / mixed negatives are then all the labels of the batch's windows).
 
-        Returns (loss, {label_feature: detached loss}); windows with < 2 events or an UNK label are ignored.
+        Returns (loss, {label_feature: detached loss}); windows with < 2 events and UNK labels are ignored.
         """
-        history, hist_len, label = self.split_history(features, lengths)
-        keep = label > 0
-        if not bool(keep.any()):
+        if self.config.targets == "all":
+            user, label = self.prefix_users(features, lengths)
+        else:
+            history, hist_len, label = self.split_history(features, lengths)
+            keep = label > 0
+            user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings if bool(keep.any()) else None
+            label = label[keep]
+        if user is None or not len(label):
             zero = self.label_mlp[0].weight.sum() * 0.0
             return zero, {}
-        user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings
-        label = label[keep]
+        return self.contrastive_loss(user, label)
+
+    def prefix_users(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(user embeddings [N, 1, d] of every prefix whose next event has a real label, labels [N]), or
+        (None, empty) when there is none. Needs fusion "last" and k = 1 (checked by the config)."""
+        L = features[0].shape[1]
+        lengths = lengths.to(features[0].device)
+        mask = length_mask(lengths, L)
+        label_ids = features[self.label_index]
+        if label_ids.dim() > 2:
+            raise ValueError("the dual encoder's label feature must be single-valued")
+        src = mask[:, 1:] & (label_ids[:, 1:] > 0)                             # [B, L - 1]
+        if L < 2 or not bool(src.any()):
+            return None, label_ids.new_zeros(0)
+        h = self.transformer(self.embed(features))[:, :-1][src]               # [N, d]
+        return self.fuse_mlp(h).unsqueeze(1), label_ids[:, 1:][src]
+
+    def contrastive_loss(self, user: torch.Tensor, label: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Softmax cross-entropy of label [B] (real ids) for user embeddings [B, k, d] against the
+        ``negatives`` candidates (module docstring)."""
         if self.config.negatives == "in_batch":
             logits = self.scores(user, self.label_embeddings(label))          # [B, B]
             if self.config.logq_correction:
@@ -187,6 +229,23 @@ class DualEncoder(nn.Module):
             eye = torch.eye(len(label), dtype=torch.bool, device=label.device)
             logits = logits.masked_fill(same & ~eye, float("-inf"))
             target = torch.arange(len(label), device=label.device)
+        elif self.config.negatives == "mixed":
+            V = self.features[self.label_index].num_embeddings
+            B, n = len(label), self.config.num_negatives
+            neg = torch.randint(1, max(V, 2), (n,), device=label.device)   # uniform over real ids
+            cand = torch.cat([label, neg])                                   # [B + n]
+            logits = self.scores(user, self.label_embeddings(cand))          # [B, B + n]
+            if self.config.logq_correction:
+                expected = B * self.label_log_q[cand].double().exp() + n / max(V - 1, 1)
+                logits = logits - expected.log().float()[None, :]
+            target = torch.arange(B, device=label.device)
+            own = torch.zeros(B, B + n, dtype=torch.bool, device=label.device)
+            own[target, target] = True
+            logits = logits.masked_fill((cand[None, :] == label[:, None]) & ~own, float("-inf"))
+        elif self.config.negatives == "all":
+            logits = self.scores(user, self.label_embeddings())              # [B, V]
+            logits[:, 0] = float("-inf")                                     # UNK is never a candidate
+            target = label
         else:
             V = self.features[self.label_index].num_embeddings
             # Uniform over real ids 1..V-1 (UNK 0 never a candidate); drawn from torch's RNG so that

@@ -2,8 +2,9 @@
 brief pretraining of ``python -m userllm.train --pretrain-steps``.
 
 Training data: :class:`userllm.data.PretrainWindows` over each user's train part (the validation and
-test events are never seen). The AR encoder learns next-event prediction at every position of a window;
-the dual encoder learns the last event of each window from the events before it. Optimizer AdamW (weight
+test events are never seen). The AR and SASRec encoders learn next-event prediction at every position of a
+window; the dual encoder learns the last event of each window from the events before it (or, with
+``targets="all"``, every event from its prefix). Optimizer AdamW (weight
 decay on the weight matrices only), linear warmup + cosine decay, gradient clipping; bf16 autocast on
 CUDA; the loop is :func:`userllm.loop.train_loop` (the one User-LLM training uses too).
 """
@@ -43,7 +44,7 @@ def make_optimizer(cfg, encoder: torch.nn.Module, total_steps: int):
 
 def pretrain_encoder(ds, cfg, device: torch.device, *, windows=None, resume_from: Path | None = None,
                      checkpoint_dir: Path | None = None, logger=None,
-                     on_step: Callable[[int, torch.nn.Module, Any], None] | None = None,
+                     on_step: Callable[[int, torch.nn.Module, Any], bool | None] | None = None,
                      desc: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Pretrain a fresh encoder on ``ds`` with the stage's recipe: returns ``(encoder, stats)``.
 
@@ -55,9 +56,10 @@ def pretrain_encoder(ds, cfg, device: torch.device, *, windows=None, resume_from
     resume_from: a checkpoint of this run to continue from (model, optimizer, scheduler, RNG, step, time).
     checkpoint_dir: save resumable checkpoints there every ``cfg.checkpoint_every`` steps and at the end.
     logger: receives a record every ``cfg.log_every`` steps. on_step(step, encoder, progress_bar): called
-    after every step (e.g. a validation every N steps).
-    stats: ``steps`` (total), ``start_step``, ``first_loss`` / ``final_loss`` (of this process's first and
-    last step; None when no step ran), ``train_seconds`` (over every resumption).
+    after every step (e.g. a validation every N steps); a true return value stops the training there.
+    stats: ``steps`` (total), ``steps_run`` (the step reached: < steps when on_step stopped it), ``start_step``,
+    ``first_loss`` / ``final_loss`` (of this process's first and last step; None when no step ran),
+    ``train_seconds`` (over every resumption).
     A non-finite loss stops with :class:`userllm.loop.TrainingDiverged`.
     """
     from ..data import PretrainWindows
@@ -119,6 +121,7 @@ def pretrain_encoder(ds, cfg, device: torch.device, *, windows=None, resume_from
                         on_step=(lambda s, bar: on_step(s, encoder, bar)) if on_step is not None else None,
                         prior_seconds=prior_seconds, last_checkpoint=resume_from,
                         desc=desc or f"pretrain {cfg.encoder}")
-    stats = {"steps": total_steps, "start_step": result.start_step, "first_loss": result.first_loss,
+    stats = {"steps": total_steps, "steps_run": result.step, "start_step": result.start_step,
+             "first_loss": result.first_loss,
              "final_loss": result.last_loss, "train_seconds": round(result.seconds, 2)}
     return encoder, stats
