@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from userllm.encoders import SASRecConfig, SASRecEncoder, build_encoder, load_encoder, save_encoder
 from userllm.pretrain import main
 
-SPECS = [dict(name="item", num_embeddings=30, multi_valued=False),
-         dict(name="category", num_embeddings=7, multi_valued=True)]
+from encoder_toys import SPECS, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,15 +21,6 @@ def make_encoder(seed=0, **kw) -> SASRecEncoder:
     torch.manual_seed(seed)
     cfg = SASRecConfig(SPECS, d_model=16, n_layers=2, n_heads=2, dropout=0.0, max_len=8, **kw)
     return SASRecEncoder(cfg).eval()
-
-
-def make_batch(lengths=(6, 3, 2, 5), L=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor(lengths)
-    pad = torch.arange(L)[None] >= lengths[:, None]
-    item = torch.randint(1, 30, (len(lengths), L), generator=g).masked_fill(pad, -1)
-    cat = torch.randint(1, 7, (len(lengths), L, 2), generator=g).masked_fill(pad[..., None], -1)
-    return [item, cat], lengths
 
 
 def test_shapes_padding_and_causality():
