@@ -72,8 +72,8 @@ def rank_in_place(scores: torch.Tensor, labels: torch.Tensor, seen: tuple[torch.
         return (scores >= target[:, None]).sum(dim=1, dtype=torch.int64)
     # In place, no [B, I] bool: s - t >= 0 exactly when s >= t (the difference of two distinct floats is
     # never rounded to 0, and NaN stays false), and a float32 sum of 0/1 values is exact below 2**24.
-    # 10.7 ms against 50 ms per batch of 256 x 26,739 for the bool sum (which accumulates in int64;
-    # 15.6 ms with an int32 accumulator), one thread, /tmp/h3/bench_rank.py of RESULTS.md.
+    # Measured (benchmarks/ranking_check.py count, 1 thread, 256 x 26,739): 10.7 ms against 50 ms for the
+    # bool sum, which accumulates in int64 (15.6 ms with an int32 accumulator).
     return scores.sub_(target[:, None]).ge_(0).sum(dim=1).to(torch.int64)
 
 
