@@ -2,6 +2,7 @@
 
     python benchmarks/ranking_check.py ranks RELEASE_DIR --cache-dir CACHE [--users 5120]
     python benchmarks/ranking_check.py count
+    python benchmarks/ranking_check.py parts RELEASE_DIR --cache-dir CACHE [--users 10240] [--batch-size 256]
 
 ``ranks``: the ranks of N random test users (seen items filtered) computed as the code before the
 last-position cut did (full encoder forward, the last real position gathered, ``matmul + bias``, a bool
@@ -9,6 +10,9 @@ last-position cut did (full encoder forward, the last real position gathered, ``
 event only, ``addmm``, the in-place float count), and the old path against itself at another batch size;
 untrained default encoder (its near-tied scores make it the hardest case for rounding). Prints JSON:
 how many ranks differ and by how much.
+``parts``: CPU seconds of each part of the ranking of the first N test users (gather, seen lists, event
+embedding, encoder block 1, block 2 at the last event, scoring GEMM, rank count, popularity), and their sum
+extrapolated to all users; ``--full-forward`` times block 2 at every position as before the cut.
 ``count``: CPU milliseconds per batch of 256 x 26,739 of the ways to count ``scores >= target`` per row.
 """
 
@@ -73,6 +77,54 @@ def check_ranks(args) -> dict:
     return {"users": len(idx), "old_vs_new": compare(o256, n256), "old_batch256_vs_batch100": compare(o256, o100)}
 
 
+def parts(args) -> dict:
+    from userllm.encoders.pretraining import train_item_counts
+    from userllm.ranking import PopularityRanks
+
+    ds = load_dataset("movielens", args.release, cache_dir=args.cache_dir)
+    cfg = PretrainConfig(dataset="movielens", data_path=args.release)
+    ev = next_item_eval(ds, cfg.window, "test")
+    torch.manual_seed(0)
+    enc = build_encoder(cfg.encoder, cfg.encoder_spec(ds)).eval()
+    pop = PopularityRanks(train_item_counts(ds))
+    spent: dict[str, float] = {}
+    clock = [time.process_time()]
+
+    def tick(name: str) -> None:
+        now = time.process_time()
+        spent[name] = spent.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
+    n = min(args.users, len(ev))
+    with torch.inference_mode():
+        for a in range(0, n, args.batch_size):
+            b = np.arange(a, min(n, a + args.batch_size))
+            clock[0] = time.process_time()
+            batch = collate(ds, ev.examples, b)
+            tick("gather")
+            seen = tuple(torch.from_numpy(x) for x in history_pairs(ev, b))
+            tick("seen_lists")
+            x = enc.embed(batch.features)
+            tick("embedding")
+            last = (batch.lengths.clamp(max=x.shape[1]) - 1).clamp_min(0)
+            x = enc.transformer.blocks[0](x)
+            tick("block1")
+            if args.full_forward:
+                h = enc.transformer.ln_f(enc.transformer.blocks[1](x))[torch.arange(len(b)), last]
+            else:
+                h = enc.transformer.ln_f(enc.transformer.blocks[1].forward_last(x, last))
+            tick("block2")
+            scores = enc.feature_logits(h, "item").float()
+            tick("scoring")
+            rank_in_place(scores, batch.labels, seen)
+            tick("rank_count")
+            pop.ranks(batch.labels, seen)
+            tick("popularity")
+    total = sum(spent.values())
+    return {"users": n, "batch_size": args.batch_size, **{k: round(v, 3) for k, v in spent.items()},
+            "total_cpu_s": round(total, 2), "all_users_cpu_s": round(total * len(ev) / n, 1)}
+
+
 def bench_count(rounds: int = 20) -> dict:
     B, I = 256, 26_739
     s = torch.randn(B, I, generator=torch.Generator().manual_seed(0))
@@ -97,9 +149,17 @@ def main(argv=None) -> int:
     r.add_argument("--cache-dir", default=None)
     r.add_argument("--users", type=int, default=5120)
     sub.add_parser("count")
+    pa = sub.add_parser("parts")
+    pa.add_argument("release")
+    pa.add_argument("--cache-dir", default=None)
+    pa.add_argument("--users", type=int, default=10240)
+    pa.add_argument("--batch-size", type=int, default=256)
+    pa.add_argument("--threads", type=int, default=1)
+    pa.add_argument("--full-forward", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    print(json.dumps(check_ranks(args) if args.what == "ranks" else bench_count()), flush=True)
+    torch.set_num_threads(getattr(args, "threads", 1))
+    run = {"ranks": check_ranks, "parts": parts}.get(args.what)
+    print(json.dumps(run(args) if run else bench_count()), flush=True)
     return 0
 
 
