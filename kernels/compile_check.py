@@ -204,7 +204,7 @@ class CompileResult:
         """e.g. 'ld 4/8x16B st 4/4x16B HMMA': 16-byte global accesses among all, and the matrix unit."""
         def share(prefixes):
             ops = {k: v for k, v in self.sass.items() if k.startswith(prefixes)}
-            wide = sum(v for k, v in ops.items() if k.endswith(".128"))
+            wide = sum(v for k, v in ops.items() if "128" in k.split("."))  # LDG.E.128, LDG.E.128.CONSTANT
             return f"{wide}/{sum(ops.values())}"
         mma = sorted({k.split(".")[0] for k in self.sass if "MMA" in k}) or ["-"]
         return f"ld {share(('LDG', 'LDGSTS'))}x16B st {share(('STG',))}x16B {'+'.join(mma)}"
@@ -247,8 +247,13 @@ def _sass_opcodes(cubin: bytes) -> dict[str, int]:
     """Counts of the global-memory and matrix opcodes in the cubin's SASS (cuobjdump -sass): whether loads
     and stores are 16 bytes wide (``LDG.E.128``) or scalar (``STG.E.U16``), and whether dots run on the
     tensor cores (``HMMA``; ``HGMMA`` = Hopper's wgmma) rather than FMA units."""
+    return count_opcodes(_cuobjdump(cubin, "-sass").splitlines())
+
+
+def count_opcodes(sass_lines) -> dict[str, int]:
+    """Counts of the global-memory and matrix opcodes (``_SASS_OPS``) in lines of ``cuobjdump -sass`` output."""
     counts: dict[str, int] = {}
-    for line in _cuobjdump(cubin, "-sass").splitlines():
+    for line in sass_lines:
         # "        /*0150*/     @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;" -> LDG.E.128
         code = line.split("*/", 1)[1].split(";")[0].split() if "*/" in line else []
         if code and code[0].startswith("@"):

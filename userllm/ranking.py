@@ -16,8 +16,8 @@ Per batch of B users, on the device the model runs on (GPU when there is one):
 Why a comparison count and not ``topk``: Recall@k / NDCG@k need only the label's rank, and the count is
 exact under ties, whereas ``topk``'s order among equal scores is unspecified.
 
-Host memory stays flat over the batches because :func:`userllm.utils.memory.fix_mmap_threshold` pins
-glibc's mmap threshold (without it the heap fragmented to a 5.7 GB peak on MovieLens-20M).
+Host memory stays flat over the batches because :func:`userllm.utils.memory.varying_shapes` pins
+glibc's mmap threshold while ranking (without it the heap fragmented to a 5.7 GB peak on MovieLens-20M).
 
 Peak device memory per batch: the model's activations + the scores (4 B x I bytes, the count reuses
 them) + O(B x history) indices: 4 B x I bytes beyond the model, e.g. 27 MB at B = 256 and I = 27k (the
@@ -35,7 +35,7 @@ from .data.examples import NextItemEval, collate
 from .data.vocab import UNK_ID
 from .metrics import metrics_from_ranks
 from .loop import autocast, eval_mode
-from .utils.memory import fix_mmap_threshold
+from .utils.memory import varying_shapes
 
 KS = (1, 5, 10)
 #: Candidates up to which a float32 sum of 0/1 counts exactly (2**24); wider catalogues count in int64.
@@ -116,8 +116,14 @@ def evaluate_next_item(encoder, ds, evalset: NextItemEval, idx: np.ndarray, devi
     (e.g. train counts) or None. Examples whose label is UNK are skipped (an UNK target cannot be ranked).
     Metrics: Recall@k for ``ks``, NDCG@10 and the count (:func:`userllm.metrics.metrics_from_ranks`).
     """
-    fix_mmap_threshold()
-    device = torch.device(device)
+    with varying_shapes():
+        return _evaluate_next_item(encoder, ds, evalset, idx, torch.device(device), filter_seen, popularity,
+                                   batch_size, ks)
+
+
+def _evaluate_next_item(encoder, ds, evalset: NextItemEval, idx: np.ndarray, device: torch.device,
+                        filter_seen: bool, popularity: torch.Tensor | None, batch_size: int,
+                        ks: Sequence[int]) -> dict[str, dict]:
     idx = np.asarray(idx, dtype=np.int64)
     idx = idx[evalset.examples.labels[idx] > 0]
     pop = PopularityRanks(popularity, device) if popularity is not None else None

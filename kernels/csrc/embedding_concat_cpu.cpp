@@ -85,8 +85,14 @@ Inputs prepare(at::TensorList ids, c10::IntArrayRef rows, c10::IntArrayRef dims,
 //   * Software prefetch of the table rows kPrefetchAhead events ahead for tables larger than L2 (the
 //     100k x 64 item table: 25.6 MB, every lookup a likely cache miss), so the misses of successive
 //     events overlap instead of each stalling the copy.
+// Tried on issue 15's shape, 1 thread, 2026-12-01 (benchmarks/cpu_forward_bounds.py, CPU time, 3 interleaved
+// processes of 30 rounds per variant, load average 7-10): prefetch 4 / 16 / 32 events ahead, the L2 hint
+// (prefetcht1) instead of L1, blocks of 1 / 4 / 8 / 256 events, and prefetching a whole block's item rows up
+// front with the small features processed first (so that the misses overlap the pooled adds). Blocks of 1
+// were 1.7x slower (the per-feature dispatch per event); all the others stayed within the runs' noise
+// (native 2.3-2.9 ms, 1.55-1.88x the embedding_bag peer), so the simplest setting stays.
 constexpr int64_t kBlockEvents = 64;    // 64 x 104 floats of output = 26 KB: stays in L1/L2 across features
-constexpr int64_t kPrefetchAhead = 8;   // events ahead: ~8 outstanding row misses of 256 B each (16: same, measured)
+constexpr int64_t kPrefetchAhead = 8;   // events ahead: ~8 outstanding row misses of 256 B each
 constexpr int64_t kL2TableBytes = 512 * 1024;  // tables below this are cache-resident: no prefetch
 
 template <typename scalar_t>

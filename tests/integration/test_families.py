@@ -10,6 +10,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from userllm.decoding import UserLLMStepper
 from userllm.integration import UserLLM, UserLLMConfig, apply_strategy
 from userllm.integration.layers import find_decoder_layers
+from userllm.utils.hf import enable_activation_checkpointing
 from userllm.integration.strategies import lora_target_modules, lora_target_parameters
 from userllm.integration.testing import (EDGE_FAMILIES, ToyEncoder, open_gates, sgd_steps, single_thread, tiny_llm,
                                         toy_features)
@@ -123,8 +124,7 @@ def test_frozen_modules_stay_in_eval_mode(strategy, frozen):
 
 def test_frozen_llm_keeps_activation_checkpointing():
     model = UserLLM(tiny_llm("llama"), ToyEncoder([20, 5]), UserLLMConfig())
-    # named gradient_checkpointing_enable up to transformers 5.17
-    (getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable)()
+    enable_activation_checkpointing(model.llm)
     apply_strategy(model, "enc")
     model.train()
     _, layers = find_decoder_layers(model.llm)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..utils.memory import fix_mmap_threshold
+from ..utils.memory import reuse_freed_memory
 from .examples import Examples, PretrainWindows, collate
 
 #: Batches each worker prepares ahead of the loop (torch's own default): with 2 workers, 4 batches are
@@ -145,7 +145,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, *, workers: int = 0, prefetc
         raise ValueError(f"make_loader: workers must be >= 0, got {workers}")
     if prefetch < 1:
         raise ValueError(f"make_loader: prefetch must be >= 1, got {prefetch}")
-    fix_mmap_threshold()                  # batches of varying shapes would fragment the heap (see there)
+    reuse_freed_memory()                  # a step's large temporaries come back every step (see there)
     pin = torch.device(device).type == "cuda" if device is not None else False
     extra = dict(prefetch_factor=prefetch, persistent_workers=True) if workers else {}
     # Its own generator: each iterator draws a worker base seed, and from the global RNG that draw would

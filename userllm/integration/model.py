@@ -127,6 +127,29 @@ def _checkpointing(llm: nn.Module) -> bool:
     return False
 
 
+def check_checkpointing(llm: nn.Module) -> None:
+    """Refuse reentrant activation checkpointing where it would run the cross-attention hooks inside it.
+
+    Older transformers (5.17) checkpoint a decoder layer's ``__call__``, so the forward pre-hook that adds the
+    cross-attention runs inside the checkpoint; with ``use_reentrant=True`` the recomputation then
+    backpropagates into the shared user K/V once per layer, and the second time fails ("Trying to backward
+    through the graph a second time"). Newer ones (5.24) checkpoint ``forward`` and keep hooks outside.
+    Non-reentrant checkpointing (HF's default) works with both."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if "__call__" not in GradientCheckpointingLayer.__dict__:
+        return
+    for m in llm.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            if getattr(fn, "keywords", {}).get("use_reentrant", False):
+                import transformers
+
+                raise ValueError(f"reentrant activation checkpointing (use_reentrant=True) is not supported with "
+                                 f"cross-attention on transformers {transformers.__version__}, which runs the "
+                                 f"blocks' hooks inside the checkpoint: use use_reentrant=False (HF's default)")
+
+
 class UserLLM(nn.Module):
     """A causal LM ``llm`` (any HF ``PreTrainedModel`` with a causal LM head) plus a user ``encoder``.
 
@@ -294,6 +317,8 @@ class UserLLM(nn.Module):
             return self._forward_softprompt(input_ids, attention_mask, ctx, labels, past_key_values, use_cache,
                                             inputs_embeds, llm_kwargs)
         keep = self.training and _checkpointing(self.llm)
+        if keep:
+            check_checkpointing(self.llm)
         with self.use_user_context(ctx, keep=keep):
             return self.llm(input_ids=input_ids, attention_mask=step_mask(past_key_values, attention_mask),
                             labels=labels, use_cache=use_cache,

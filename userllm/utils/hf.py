@@ -86,3 +86,13 @@ def _is_attention_layer(layer) -> bool:
     from transformers.cache_utils import CacheLayerMixin
 
     return isinstance(layer, CacheLayerMixin)
+
+
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on HF activation (gradient) checkpointing of ``model``'s decoder layers: the method is
+    ``activation_checkpointing_enable`` in newer transformers (5.24; ``gradient_checkpointing_enable`` is its
+    deprecated alias there) and ``gradient_checkpointing_enable`` in older ones (5.17 has only that)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
