@@ -18,6 +18,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One thread everywhere (subprocesses inherit it): `--threads 0` would otherwise count the idle cores
+# (userllm.utils.cpu), and the bit-exact resume checks need the same thread count in both runs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -181,6 +181,13 @@ class TrainConfig(DataOptions):
     stride: int = opt(1, "rows between training targets of a user, counted back from the newest (1 = every "
                             "train event is a target: the paper's windows; 19.6M on MovieLens-20M at window 50)",
                             min=1)
+    distill_steps: int = opt(0, "NextItem: the first N of --steps train on the frozen pretrained encoder's "
+                             "next-item draws (see --distill-topk/--distill-temperature) instead of the true next "
+                             "items, so that the target is a function of the user tokens (userllm.distill; "
+                             "0 = off, the paper's training)", min=0)
+    distill_topk: int = opt(10, "distillation: draw the target among the encoder's K best next items", min=1)
+    distill_temperature: float = opt(1.0, "distillation: softmax temperature of the draw over the top K "
+                                     "(0 = always the encoder's top-1)", min=0.0)
     max_train_examples: int = opt(0, "train on a fixed random subset of this many examples (0 = all; "
                                   "small values overfit on purpose, for debugging)", min=0)
     batch_size: int = opt(64, "global batch size (split across DDP ranks)", min=1)
@@ -197,9 +204,9 @@ class TrainConfig(DataOptions):
                            "model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded per decoder "
                            "layer and cross-attention block, for LLMs whose full fine-tuning does not fit one "
                            "device; sharded checkpoints)", choices=PARALLELISMS)
-    threads: int = opt(0, "torch CPU threads; 0 = automatic: 1 for the embedded tiny LLM on CPU (its "
-                       "matmuls are too small to gain from threads, and lose several-fold on a busy machine), "
-                       "torch's default otherwise", min=0, resumable=True)
+    threads: int = opt(0, "torch CPU threads; 0 = automatic: for the embedded tiny LLM on CPU, the cores "
+                       "idle at start (OMP_NUM_THREADS when set; userllm.utils.cpu), else torch's default",
+                       min=0, resumable=True)
     # run
     out: str | None = opt(None, "run directory (default: runs/<dataset>-<task>-<model>-<time>)", resumable=True)
     resume: bool = opt(False, "continue the run in --out from its latest checkpoint", resumable=True)
@@ -222,6 +229,12 @@ class TrainConfig(DataOptions):
     def check(self) -> None:
         if self.text_events > self.window:
             raise UserError(f"--text-events: {self.text_events} is more than the window ({self.window})")
+        if self.distill_steps:
+            if self.task != "nextitem" or self.baseline == "textprompt":
+                raise UserError("--distill-steps: only for the User-LLM on --task nextitem (the teacher is the "
+                                "user encoder's next-item head)")
+            if self.distill_steps > self.steps:
+                raise UserError(f"--distill-steps: {self.distill_steps} is more than --steps ({self.steps})")
         if self.baseline == "textprompt" and self.strategy not in ("full", "lora"):
             raise UserError(f"--strategy: the TextPrompt baseline trains the LLM with full or lora, not "
                             f"{self.strategy!r}")
@@ -248,6 +261,8 @@ class TrainConfig(DataOptions):
             name += f"-TP{self.text_events}"
         if self.readout_tokens:
             name += f"-readout{self.readout_tokens}"
+        if self.distill_steps:
+            name += f"-distill{self.distill_steps}"
         return name
 
     @property

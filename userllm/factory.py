@@ -220,15 +220,14 @@ def make_batcher(cfg: TrainConfig, ds, tok, model: nn.Module):
 
 
 def set_threads(cfg: TrainConfig, device: torch.device) -> None:
-    """--threads, or automatically 1 thread for the embedded tiny LLM on CPU.
-
-    Measured on 2 shared cores: a training step of the default model took ~0.16 s of CPU with 1 thread
-    and ~1.2 s with 2 (the threads spin on matmuls far too small to split).
-    """
+    """--threads, or automatically (CPU, the embedded tiny LLM) as many threads as there are idle cores
+    (:mod:`userllm.utils.cpu`: 1.5x per step on an idle 2-core machine; on a busy one, 1 thread)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu" and cfg.llm is None:
-        torch.set_num_threads(1)
+        from .utils.cpu import automatic_threads
+
+        torch.set_num_threads(automatic_threads())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,6 +1,5 @@
 """The training loop both stages share (encoder pretraining and User-LLM training), and its parts:
-seeding, the learning-rate schedule, device and precision, progress bars, the optimizer step and the
-data order.
+seeding, the learning-rate schedule, device and precision, progress bars and the optimizer step.
 
 :func:`train_loop` owns the step counter and what every step must respect whatever is trained: the
 ``log_every`` / ``checkpoint_every`` cadence, the progress bar, the training time (added up across
@@ -9,9 +8,8 @@ written, the last good one is named). The stage supplies one step (``step_fn``),
 checkpoint.
 
 Both stages take their batches from :mod:`userllm.data.loader` (an epoch sampler seeded by (seed, epoch) that
-starts at the resumed step), so a resumed run continues exactly where the interrupted one was.
-:func:`batch_for_step` (a pure function of (seed, step)) orders the small in-memory example sets of
-``python -m userllm.explore``.
+starts at the resumed step), so a resumed run continues exactly where the interrupted one was; the two
+LLMs of ``python -m userllm.explore`` take theirs from the same epoch sampler (over in-memory example sets).
 """
 
 from __future__ import annotations
@@ -121,7 +119,7 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-# ---- one optimizer step, the data order -----------------------------------------------------------------
+# ---- one optimizer step ---------------------------------------------------------------------------------
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, params,
                    grad_clip: float = 0.0) -> None:
     """Backward ``loss``, clip the gradient norm of ``params`` to ``grad_clip`` (0 = no clipping), step the
@@ -132,19 +130,6 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedul
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     scheduler.step()
-
-
-def batch_for_step(n: int, step: int, batch_size: int, seed: int, *, drop_last: bool) -> tuple[np.ndarray, int, int]:
-    """``(indices, epoch, batch_in_epoch)`` of the global batch of ``step`` over ``n`` examples.
-
-    Epoch e is a permutation drawn from (seed, e), so the data position is a pure function of the step
-    (exact resume). ``drop_last``: an epoch has ``n // batch_size`` full batches (User-LLM training);
-    else ``ceil(n / batch_size)``, the last one partial (encoder pretraining: every window once an epoch).
-    """
-    per_epoch = max(1, n // batch_size) if drop_last else math.ceil(n / batch_size)
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[i * batch_size:(i + 1) * batch_size], epoch, i
 
 
 # ---- non-finite losses and weights -----------------------------------------------------------------------

@@ -136,6 +136,16 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     if cfg.compile:  # userllm.kernels.compile: the blocks that call the fused ops, fullgraph
         from .kernels.compile import compile_model
         log(f"compile: {', '.join(compile_model(model)) or 'no block calls a fused op'}", flush=True)
+    teacher = None
+    if cfg.distill_steps:  # a frozen copy of the encoder before any User-LLM step (and before a resume's load)
+        from .distill import EncoderTeacher
+
+        if cfg.distill_topk > ds.num_items - 1:
+            raise UserError(f"--distill-topk: {cfg.distill_topk} is more than the {ds.num_items - 1} items")
+        with user_errors("--distill-steps"):
+            teacher = EncoderTeacher(model.encoder, cfg.distill_topk, cfg.distill_temperature, cfg.seed)
+        log(f"distill: steps 0-{cfg.distill_steps - 1} train on the frozen encoder's draws "
+            f"(top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})", flush=True)
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)
@@ -201,6 +211,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     def step_fn(step: int):
         t0 = time.perf_counter()
         events = next(batches)
+        if teacher is not None and step < cfg.distill_steps:
+            events = teacher.relabel(events, step)
         lb = batcher.train_batch(events).to(device)
         if profiler is not None and profiler.train_step is None:
             box: list[torch.Tensor] = []
@@ -269,9 +281,20 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         first_loss, final_loss = (losses[0], losses[-1]) if losses else (None, None)
         results = evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, device, amp, log,
                                       split="test", train_info={"steps": cfg.steps, "world_size": dist.world,
+                                                                "distill_steps": cfg.distill_steps,
                                                                 "first_loss": first_loss,
                                                                 "final_loss": final_loss,
                                                                 "train_seconds": round(loop.seconds, 2)})
+        if teacher is not None:  # does the LLM read the user for the target it was distilled on?
+            from .diagnostics import context_gain
+            from .distill import teacher_top1_examples
+
+            gain = context_gain(model, batcher, ds, teacher_top1_examples(teacher, ds, test_ex),
+                                batch_size=cfg.eval_batch_size, device=device, amp=amp)
+            if gain is not None:
+                results["test"]["teacher_top1"] = gain
+                log(f"on the encoder's top-1 as the target: loss {gain['loss_own']:.3f}, gain(shuf) "
+                    f"{gain['context_gain']:.3f}, gain(none) {gain['context_gain_none']:.3f}")
         results["total_seconds"] = round(prior_total + time.time() - t_start, 2)
         write_metrics(run_dir, results)
         if profiler is not None:

@@ -45,6 +45,12 @@ def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
     assert isinstance(metrics["target"]["met"], bool)
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| best-of-4 |" in (out / "table.md").read_text()
+    # The selector's concentration, read back from every seed's picks.
+    conc = metrics["concentration"]
+    assert 0.0 <= conc["cluster_bias_share"]["mean"] <= 1.0 and len(conc["cluster_bias_share"]["values"]) == 2
+    assert conc["methods"]["aligned-all"]["aligned_top_share"]["mean"] == 1.0
+    assert conc["methods"]["best-of-1"]["candidates"]["mean"] == 1.0
+    assert "Selector concentration" in (out / "table.md").read_text()
     labels = json.loads((out / "seed_0" / "clusters.json").read_text())["labels"]
     rows = [json.loads(line) for line in (out / "seed_0" / "picks.jsonl").read_text().splitlines()]
     assert rows and len(rows) == metrics["per_seed"][0]["data"]["test_users"]

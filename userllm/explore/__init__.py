@@ -12,6 +12,7 @@ Large-scale Recommendation Systems" (arXiv 2504.05522), on top of User-LLM:
    per-user prefix trie to the labels of clusters new for the user;
 3. :mod:`.evaluate`: best-of-n (sample n, the aligned LLM picks one; then the encoder ranks the items
    inside it) against random / popular / greedy / aligned-ranks-all, on held-out users' next novel
-   transition, with cost, diversity, a table and a curve over n;
+   transition, with cost, diversity, a table and a curve over n; :mod:`.concentration`: how the
+   aligned selector concentrates the picks (read back from the per-user picks);
 4. :mod:`.run`: the experiment per seed and over seeds (``python -m userllm.explore``).
 """

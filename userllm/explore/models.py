@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.examples import gather_windows
+from ..data.loader import EpochBatchSampler
 from ..decoding import UserLLMStepper, left_pad
 from ..text_prompt import target_text
-from ..loop import batch_for_step, cosine_with_warmup, optimizer_step, progress
+from ..loop import cosine_with_warmup, optimizer_step, progress
 from .clusters import recent_clusters
 from .sampling import constrained_sample, user_trie
 
@@ -134,17 +135,25 @@ class Cost:
         return self
 
 
-def train_loop(model, loss_of_step: Callable[[int], torch.Tensor], steps: int, cfg, desc: str,
-               log: Callable[[str], None]) -> dict:
-    """AdamW (warmup + cosine to 0.1 lr) on ``model``'s trainable parameters; returns losses and time."""
+def batches(n: int, steps: int, batch_size: int, seed: int) -> EpochBatchSampler:
+    """The index arrays (int64 [batch_size]) of ``steps`` training steps over ``n`` examples: the data
+    loader's epoch sampler (:mod:`userllm.data.loader`, full batches only), the one data order of the project."""
+    return EpochBatchSampler(n, batch_size, seed=seed, drop_last=True, steps=steps)
+
+
+def train_loop(model, loss_of_batch: Callable[[int, np.ndarray], torch.Tensor], sampler: EpochBatchSampler,
+               cfg, desc: str, log: Callable[[str], None]) -> dict:
+    """AdamW (warmup + cosine to 0.1 lr) on ``model``'s trainable parameters, one step per index array of
+    ``sampler`` (``loss_of_batch(step, idx)``); returns losses and time."""
+    steps = len(sampler)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = cosine_with_warmup(optimizer, min(cfg.warmup, steps - 1), steps, 0.1)
     model.train()
     losses, t0 = [], time.time()
     bar = progress(total=steps, desc=desc)
-    for step in range(steps):
-        loss = loss_of_step(step)
+    for step, idx in enumerate(sampler):
+        loss = loss_of_batch(step, idx)
         optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
         losses.append(loss.item())
         bar.update(1)
@@ -168,15 +177,15 @@ class NoveltyLLM:
         p, eos = self.prompts, self.prompts.tok.eos_token_id
         prompt_ids = p.with_bos([p.novelty(r) for r in ctx.recent])
 
-        def loss_of_step(step: int) -> torch.Tensor:
-            idx, _, _ = batch_for_step(len(ctx), step, cfg.batch_size, seed, drop_last=True)
+        def loss_of_batch(step: int, idx: np.ndarray) -> torch.Tensor:
             seqs = [prompt_ids[i] + p.label_ids[targets[i]] + [eos] for i in idx]
             ids, mask, labels = right_pad(seqs, p.tok.pad_token_id, [len(prompt_ids[i]) for i in idx])
             feats, lengths = window_features(self.ds, ctx.take(idx), self.device)
             return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), features=feats,
                               lengths=lengths, labels=labels.to(self.device)).loss
 
-        return train_loop(self.model, loss_of_step, cfg.novelty_steps, cfg, "novelty LLM", log)
+        return train_loop(self.model, loss_of_batch, batches(len(ctx), cfg.novelty_steps, cfg.batch_size, seed), cfg,
+                          "novelty LLM", log)
 
     @torch.no_grad()
     def sample(self, ctx: Contexts, allowed: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
@@ -227,8 +236,7 @@ class AlignedLLM:
         if cfg.negative_sampling == "uniform":
             weight[:] = 1.0
 
-        def loss_of_step(step: int) -> torch.Tensor:
-            idx, _, _ = batch_for_step(len(ctx), step, cfg.batch_size, seed, drop_last=True)
+        def loss_of_batch(step: int, idx: np.ndarray) -> torch.Tensor:
             rng = np.random.default_rng([seed, 7, step])
             pair_ctx, cand, label = [], [], []
             for i in idx.tolist():
@@ -241,7 +249,8 @@ class AlignedLLM:
             logits, _ = self._logits(ctx, np.asarray(pair_ctx), cand)
             return F.cross_entropy(logits, torch.tensor(label, device=self.device))
 
-        return train_loop(self.model, loss_of_step, cfg.aligned_steps, cfg, "aligned LLM", log)
+        return train_loop(self.model, loss_of_batch, batches(len(ctx), cfg.aligned_steps, cfg.batch_size, seed), cfg,
+                          "aligned LLM", log)
 
     @torch.no_grad()
     def score(self, ctx: Contexts, candidates: Sequence[Sequence[int]], max_pairs: int = 512

@@ -8,7 +8,8 @@ user-aligned LLM, both trained on the training users' transitions -> evaluation 
 last novel transition (:mod:`.evaluate`).
 
 Run directory (``--out``): ``config.json``, ``metrics.json`` (every method's metrics per seed, their mean /
-std, the target check, clusters, training losses), ``table.md``, ``curve.png``, and per seed
+std, the target check, the selector's concentration (:mod:`.concentration`), clusters, training losses),
+``table.md``, ``curve.png``, and per seed
 ``pretrain/encoder.safetensors`` (when pretrained here), and per seed ``seed_<s>/result.json`` (its
 metrics: rerunning the same command with the same ``--out`` reuses the seeds already finished),
 ``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
@@ -35,6 +36,7 @@ from ..runs import write_metrics, write_run_config
 from ..utils.atomic import write_json, write_text
 from . import evaluate as ev
 from .clusters import build_clusters, event_clusters, last_per_user, novel_transitions, split_users
+from .concentration import PICKS_FILE, aggregate_concentration, concentration, format_concentration, read_picks
 from .config import ExploreConfig
 from .models import AlignedLLM, NoveltyLLM, Prompts, contexts_at
 
@@ -156,7 +158,7 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
             "picks": rec["picks"], "pick_labels": {m: clusters.labels[c] for m, c in rec["picks"].items()},
             "samples": {str(n): s for n, s in rec["samples"].items()},
             "aligned_all": {str(c): s for c, s in rec["aligned_all"].items()}}))
-    write_text(out / "picks.jsonl", "\n".join(lines) + "\n")
+    write_text(out / PICKS_FILE, "\n".join(lines) + "\n")
     return {"seed": seed, "results": results, "target": ev.target_met(results, cfg.n_list),
             "data": {"users": ds.num_users, "items": ds.num_items - 1, "events": ds.num_events,
                      "train_transitions": len(train_tr), "train_positive_rate": float(train_tr.positive.mean()),
@@ -198,13 +200,19 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
     ev.plot_curve(agg, cfg.n_list, out / "curve.png", f"Best-of-n exploration: {title}")
+    # Read back from every seed's picks (also of seeds finished by an earlier run of this command).
+    conc = aggregate_concentration([concentration(read_picks(out / f"seed_{s}" / PICKS_FILE)) for s in seeds])
+    conc_table = format_concentration(conc, f"Selector concentration: {title}")
     metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0].get("encoder"), "mean": agg,
                "target": ev.target_met(mean_results, cfg.n_list),
-               "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "per_seed": per_seed}
+               "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "concentration": conc,
+               "per_seed": per_seed}
     write_metrics(out, metrics)
-    write_text(out / "table.md", table + "\n")
+    write_text(out / "table.md", table + "\n\n" + conc_table + "\n")
     log("")
     log(table)
+    log("")
+    log(conc_table)
     t = metrics["target"]
     log(f"target (best-of-n beats n=1 on hit or positive rate at some n <= 16, diversity within 10%): "
         f"{'met at n = ' + ', '.join(map(str, t['n'])) if t['met'] else 'not met'}")

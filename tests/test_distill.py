@@ -1,0 +1,109 @@
+"""userllm.distill: the NextItem distillation stage (issue 14): targets drawn from the frozen encoder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_train import run_train, tiny_args
+
+from userllm.distill import EncoderTeacher, sample_targets, step_generator
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _scores(B=64, V=50, seed=0):
+    return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_draws_are_int64_per_row_from_the_top_k_and_never_unk():
+    s = _scores()
+    s[:, 0] = 100.0                                    # UNK scored best: must still never be drawn
+    for k in (1, 3, 10):
+        y = sample_targets(s, k, 1.0, step_generator(0, 5))
+        assert y.shape == (64,) and y.dtype == torch.int64
+        masked = s.clone()
+        masked[:, 0] = float("-inf")
+        top = masked.topk(k, dim=-1).indices
+        assert bool((top == y[:, None]).any(1).all()), k
+        assert not bool((y == 0).any())
+
+
+def test_draws_are_deterministic_given_seed_and_step():
+    s = _scores()
+    a = sample_targets(s, 10, 1.0, step_generator(3, 7))
+    assert torch.equal(a, sample_targets(s, 10, 1.0, step_generator(3, 7)))
+    assert not torch.equal(a, sample_targets(s, 10, 1.0, step_generator(3, 8)))     # another step
+    assert not torch.equal(a, sample_targets(s, 10, 1.0, step_generator(4, 7)))     # another seed
+
+
+def test_temperature_zero_is_the_top_1_and_the_temperature_sharpens():
+    s = _scores()
+    s[:, 0] = float("-inf")
+    assert torch.equal(sample_targets(s, 10, 0.0), s.argmax(1))
+    best = s.argmax(1)
+    cold = sample_targets(s.repeat(20, 1), 10, 0.05, step_generator(0, 0))
+    hot = sample_targets(s.repeat(20, 1), 10, 100.0, step_generator(0, 0))
+    assert (cold == best.repeat(20)).float().mean() > 0.9
+    assert (hot == best.repeat(20)).float().mean() < 0.3        # ~ uniform over the 10 (0.1)
+
+
+def test_bad_arguments_are_value_errors():
+    s = _scores(V=5)
+    with pytest.raises(ValueError, match="topk"):
+        sample_targets(s, 5, 1.0)                      # only 4 real items
+    with pytest.raises(ValueError, match="temperature"):
+        sample_targets(s, 2, -1.0)
+    with pytest.raises(ValueError, match="score_next"):
+        EncoderTeacher(torch.nn.Linear(2, 2), 2, 1.0, 0)
+
+
+def test_the_teacher_is_a_frozen_copy():
+    from userllm.encoders import build_encoder
+    from userllm.factory import load_data
+    from userllm.config import TrainConfig
+    from userllm.data.examples import collate, make_examples
+
+    cfg = TrainConfig(synthetic_users=12, synthetic_items=20, synthetic_events=10, window=5, encoder_dim=16,
+                      encoder_layers=1, pretrain_steps=0)
+    ds = load_data(cfg, use_cache=False)
+    enc = build_encoder(cfg.encoder, cfg.encoder_spec(ds))
+    teacher = EncoderTeacher(enc, 3, 1.0, seed=0)
+    events = collate(ds, make_examples(ds, "nextitem", 5, "train"), np.arange(8))
+    before = teacher.relabel(events, 0).labels
+    assert before.shape == events.labels.shape and before.dtype == torch.int64
+    assert torch.equal(before, teacher.relabel(events, 0).labels)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(1.0)                                # the run's encoder trains on; the teacher must not
+    assert torch.equal(before, teacher.relabel(events, 0).labels)
+    assert not any(p.requires_grad for p in teacher.encoder.parameters())
+
+
+@pytest.mark.slow
+def test_distilled_model_reads_the_user(tmp_path, cache):
+    """Synthetic NextItem, every step distilled on the pretrained encoder's top-3 draws: the LLM's loss on
+    the encoder's top-1 depends clearly on whose history it is given (gain(shuf) on the teacher's targets).
+
+    Measured (2026-12-01, these options, load average 8): teacher-top-1 gain(shuf) 0.171 nats per token,
+    gain(shuf) on the true next items 0.033; 302 s of wall at ~25% of a core. Smaller settings gave no
+    gain at all (all measured the same day, teacher-top-1 gain(shuf) <= 0.009): a 60-step encoder (its
+    top-1 took 8 distinct values over the 478 training windows: the popular series), the width-32 LLM
+    with or without readout tokens, a random LLM (its 100 steps go into learning to spell the titles).
+    Hence the encoder's 300 steps, the LM-pretrained width-64 LLM, readout tokens and 150 steps."""
+    run_train(tiny_args(cache, tmp_path / "run", synthetic_users=40, synthetic_events=16, window=8,
+                        pretrain_steps=300, llm_pretrain_steps=150, llm_hidden=64, strategy="proj",
+                        readout_tokens=3, steps=150, batch_size=32, lr=3e-3, eval_users=16,
+                        distill_steps=150, distill_topk=3))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    t = m["test"]["teacher_top1"]
+    assert t["context_gain"] > 0.08, t
+    assert t["loss_shuffled"] > t["loss_own"] and t["loss_none"] > t["loss_own"]
+    assert m["test"]["context_gain"] > 0.0
+    assert m["train"]["distill_steps"] == 150

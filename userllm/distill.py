@@ -1,0 +1,96 @@
+"""Distillation stage for NextItem (issue 14): the User-LLM learns to write the title the frozen pretrained
+encoder predicts, before (or instead of) the true next item.
+
+Why: on ml-latest-small the true next item is mostly unpredictable (the encoder's own Recall@10 is
+0.03-0.06), so per example the user's contribution to the target loss is tiny and the cross-attention
+gates were trained shut (gain(shuf) ~ 0; README, "NextItem on ml-latest-small"). With the target drawn
+from the encoder's own next-item distribution it is a learnable function of the user tokens, so every
+example's gradient says "read the user"; the LLM's ranking of titles then tracks the encoder's.
+
+``--distill-steps N``: the first N of the ``--steps`` optimizer steps replace each training example's
+label by a draw from softmax(teacher scores / T) over the teacher's top ``--distill-topk`` items
+(``--distill-temperature 0``: its top-1); the later steps use the true next items. The teacher is a
+frozen copy of the run's encoder as it was before User-LLM training (the pretrained one), so it stays
+fixed even when the strategy trains the encoder. Only the labels change: the window, prompt and user
+tokens are the example's own.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.examples import EventBatch, Examples, collate
+from .data.vocab import UNK_ID
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one training step's draws: a pure function of (seed, step), so a resumed run
+    draws the same targets as the uninterrupted one."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+def sample_targets(scores: torch.Tensor, topk: int, temperature: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one item id per row from the teacher's top-``topk`` items.
+
+    scores: float [B, V] next-item scores (any real scores; id 0 = UNK is never drawn).
+    temperature: > 0 draws from softmax(top scores / temperature); 0 takes the top-1 (no draw).
+    generator: a CPU generator (the draw runs on CPU; the [B, topk] probabilities are small).
+    Returns int64 [B] item ids on ``scores``' device.
+    """
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be [B, V] with V >= 2, got {tuple(scores.shape)}")
+    if not 1 <= topk <= scores.shape[1] - 1:
+        raise ValueError(f"topk must be in 1..{scores.shape[1] - 1}, got {topk}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    s = scores.detach().float().clone()
+    s[:, UNK_ID] = float("-inf")
+    top, idx = s.topk(topk, dim=-1)                                   # [B, k], sorted best first
+    if temperature == 0:
+        return idx[:, 0].to(torch.int64)
+    probs = torch.softmax(top.cpu() / temperature, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)   # [B, 1]
+    return idx.gather(1, choice).squeeze(1).to(torch.int64)
+
+
+class EncoderTeacher:
+    """A frozen copy of ``encoder`` (which must have ``score_next``) that relabels training batches.
+
+    topk, temperature: see :func:`sample_targets`; seed: with the step, fixes every draw.
+    """
+
+    def __init__(self, encoder: nn.Module, topk: int, temperature: float, seed: int):
+        if not hasattr(encoder, "score_next"):
+            raise ValueError("distillation needs an encoder with a next-item head (score_next)")
+        self.encoder = copy.deepcopy(encoder).eval().requires_grad_(False)
+        self.topk, self.temperature, self.seed = topk, temperature, seed
+
+    @torch.no_grad()
+    def scores(self, events: EventBatch) -> torch.Tensor:
+        """float32 [B, V]: the teacher's next-item scores after each window."""
+        return self.encoder.score_next(events.features, events.lengths)
+
+    def relabel(self, events: EventBatch, step: int) -> EventBatch:
+        """``events`` with ``labels`` (int64 [B]) replaced by the teacher's draws for ``step``."""
+        labels = sample_targets(self.scores(events), self.topk, self.temperature, step_generator(self.seed, step))
+        return replace(events, labels=labels.to(events.labels.device))
+
+
+@torch.no_grad()
+def teacher_top1_examples(teacher: EncoderTeacher, ds, examples: Examples, *, batch_size: int = 256) -> Examples:
+    """``examples`` with every label (int64 [n]) replaced by the teacher's top-1 next item after its window:
+    the target distillation trains for, on which :func:`userllm.diagnostics.context_gain` then says how
+    much the LLM reads of the user."""
+    labels = np.empty(len(examples), dtype=np.int64)
+    device = next(teacher.encoder.parameters()).device
+    for a in range(0, len(examples), batch_size):
+        idx = np.arange(a, min(a + batch_size, len(examples)))
+        batch = collate(ds, examples, idx).to(device)
+        labels[idx] = sample_targets(teacher.scores(batch), 1, 0.0).cpu().numpy()
+    return replace(examples, labels=labels)
