@@ -1,6 +1,7 @@
 """Measurements of the scale suite that need a process of their own (so that its peak RSS is theirs alone).
 
     python benchmarks/scale_probe.py eval RELEASE_DIR --cache-dir CACHE [--threads 2] [--filter-seen]
+    python benchmarks/scale_probe.py start RELEASE_DIR --cache-dir CACHE [--stride 1]
 
 ``eval``: loads the processed release (from the cache when warm), builds the test split's full-ranking set
 (every user, every item) and ranks it with :func:`userllm.ranking.evaluate_next_item` using the default
@@ -8,16 +9,24 @@ pretraining encoder (``python -m userllm.pretrain``'s defaults, untrained: the c
 weights) and the popularity baseline. Prints one JSON line: users, items, load_s, prepare_s, eval_s (wall), eval_cpu_s (CPU seconds of all threads: what a contended machine
 cannot inflate the way it inflates wall time),
 peak_rss_bytes (the process's ``VmHWM``), device, threads and the metrics.
+
+``start``: ``python -m userllm.pretrain --dataset movielens --data-path RELEASE_DIR --stride S --steps 1``
+in this process, timed from the process start (before anything of userllm is imported) to the moment its
+first batch has been gathered: wall and CPU seconds at each stage (imports, dataset, windows, evaluation
+sets, first batch), one JSON line, and the peak RSS of the whole run. The evaluation is cut to 100 users.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import sys
 import time
-from pathlib import Path
+
+T0, C0 = time.time(), time.process_time()          # the process start, before userllm's imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np
 import torch
@@ -68,6 +77,40 @@ def run_eval(args) -> dict:
     return out
 
 
+def run_start(args) -> dict:
+    """The stages of a ``userllm.pretrain`` start up to its first batch (see the module docstring)."""
+    import tempfile
+
+    marks: dict[str, tuple[float, float]] = {}
+
+    def mark(name: str) -> None:
+        marks.setdefault(name, (round(time.time() - T0, 2), round(time.process_time() - C0, 2)))
+
+    from userllm import pretrain as stage
+    from userllm.data import examples, loader
+    mark("imports")
+
+    def timed(obj, name, label):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            out = fn(*a, **k)
+            mark(label)
+            return out
+        setattr(obj, name, wrapper)
+
+    timed(stage, "load_data", "dataset")
+    timed(examples.PretrainWindows, "__init__", "windows")
+    timed(stage, "train_item_counts", "evaluation_sets")
+    timed(loader.WindowDataset, "__getitem__", "first_batch")
+    with tempfile.TemporaryDirectory() as tmp:
+        stage.main(["--dataset", "movielens", "--data-path", args.release, "--stride", str(args.stride),
+                    "--steps", "1", "--max-eval-users", "100", "--out", str(Path(tmp) / "run"),
+                    *(["--cache-dir", args.cache_dir] if args.cache_dir else [])])
+    return {"stride": args.stride, **{f"{k}_wall_s": v[0] for k, v in marks.items()},
+            **{f"{k}_cpu_s": v[1] for k, v in marks.items()}, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -78,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     ev.add_argument("--filter-seen", action="store_true")
+    st = sub.add_parser("start", help="time python -m userllm.pretrain from the process start to its first batch")
+    st.add_argument("release")
+    st.add_argument("--cache-dir", default=None)
+    st.add_argument("--stride", type=int, default=1)
     args = parser.parse_args(argv)
-    print(json.dumps(run_eval(args)), flush=True)
+    print(json.dumps(run_eval(args) if args.what == "eval" else run_start(args)), flush=True)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Sequence
 
 from .data.dataset import DATASET_NAMES as DATASETS
 from .data.examples import TASKS
+from .distributed import PARALLELISMS
 from .encoders import ENCODERS as _ENCODER_CLASSES
 from .errors import UserError
 from .integration.model import INTEGRATIONS
@@ -199,6 +200,10 @@ class TrainConfig(DataOptions):
     bf16: bool = opt(True, "bf16 autocast (GPU only; CPU always runs float32)")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:N", resumable=True)
+    distributed: str = opt("ddp", "multi-process training under torchrun: ddp (every process holds the whole "
+                           "model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded per decoder "
+                           "layer and cross-attention block, for LLMs whose full fine-tuning does not fit one "
+                           "device; sharded checkpoints)", choices=PARALLELISMS)
     threads: int = opt(0, "torch CPU threads; 0 = automatic: for the embedded tiny LLM on CPU, the cores "
                        "idle at start (OMP_NUM_THREADS when set; userllm.utils.cpu), else torch's default",
                        min=0, resumable=True)
@@ -239,6 +244,10 @@ class TrainConfig(DataOptions):
             raise UserError(f"--data-path: required for --dataset {self.dataset}")
         if self.checkpoint is not None and not self.resume:
             raise UserError("--checkpoint: only with --resume (the checkpoint of the run to continue)")
+        if self.distributed == "fsdp":
+            for flag, on in (("--compile", self.compile), ("--profile", self.profile)):
+                if on:
+                    raise UserError(f"--distributed fsdp: {flag} is not supported with FSDP (use --distributed ddp)")
 
     @property
     def model_name(self) -> str:

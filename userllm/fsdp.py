@@ -19,10 +19,18 @@ optimizer state) plus ``meta.json`` (step, LR scheduler, ``extra``) and ``rng_<r
 process's RNG state). It is written under a temporary name and renamed into place by rank 0 once every
 process has finished (after a barrier): a crash leaves the previous checkpoints or the complete new
 one. Resuming needs the same number of processes (the per-rank RNG states); DCP itself would reshard.
+
+Evaluation after training (``python -m userllm.train --distributed fsdp``): :func:`meta_copy` keeps an
+unsharded copy of the model's structure whose parameters live on the meta device (no memory) from before
+sharding; :func:`unsharded` fills it on rank 0 with the full state dict (gathered to its CPU), so the
+beam search, which calls the LLM and the encoder outside the root module's ``forward``, runs on one
+unsharded model. Rank 0 then needs the parameters once (no gradients, no optimizer state: a quarter or
+less of what full fine-tuning with AdamW holds).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -60,6 +68,47 @@ def shard_model(model: nn.Module, mesh=None) -> nn.Module:
         register_fsdp_forward_method(block, "project_kv")
     fully_shard(model, mesh=mesh)
     return model
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (call it before :func:`shard_model`) whose parameters are empty tensors on the
+    meta device (buffers are copied: they are small, and non-persistent ones are in no state dict)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def unsharded(model: nn.Module, shadow: nn.Module | None) -> nn.Module | None:
+    """Rank 0: ``shadow`` (a :func:`meta_copy` of ``model`` before sharding) holding the trained parameters
+    of the sharded ``model`` (on the CPU); other ranks: None. Collective."""
+    import torch.distributed as dist
+
+    state = full_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    shadow.load_state_dict(state, assign=True)
+    return shadow
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether this process's shards of ``model``'s parameters and buffers are all finite (no collective)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return False
+    return True
+
+
+def read_sharded_meta(path: str | os.PathLike) -> dict:
+    """``meta.json`` of a sharded checkpoint; UserError when ``path`` is not a complete one."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not path.is_dir() or not meta_path.is_file() or not (path / ".metadata").is_file():
+        raise UserError(f"{path}: not a complete sharded userllm checkpoint (needs meta.json and .metadata)")
+    try:
+        return json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{meta_path}: not readable ({exc})") from exc
 
 
 def sharded_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -120,10 +169,7 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(f"{path}: not a sharded userllm checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_sharded_meta(path)
     if meta["world_size"] != dist.get_world_size():
         raise UserError(f"{path} was written by {meta['world_size']} processes; resume it with as many "
                         f"(got {dist.get_world_size()})")

@@ -139,7 +139,7 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def _last_good(checkpoint: Path | None) -> str:
+def last_good(checkpoint: Path | None) -> str:
     if checkpoint is None:
         return "no checkpoint had been written yet"
     return f"the last good checkpoint is {checkpoint}"
@@ -152,7 +152,7 @@ def check_finite_weights(modules: Mapping[str, torch.nn.Module], step: int, last
         for key, t in module.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise TrainingDiverged(f"step {step}: the weights became non-finite ({name}.{key}); no checkpoint "
-                                       f"of them was written and {_last_good(last_checkpoint)} (lower --lr?)")
+                                       f"of them was written and {last_good(last_checkpoint)} (lower --lr?)")
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def train_loop(step_fn: Callable[[int], tuple[Any, dict]], *, start_step: int, t
             step += 1
             if not all_finite(value):
                 raise TrainingDiverged(f"step {step}: the training loss is {value}; stopped without saving a "
-                                       f"checkpoint of it, and {_last_good(last_checkpoint)} (lower --lr?)")
+                                       f"checkpoint of it, and {last_good(last_checkpoint)} (lower --lr?)")
             first = value if first is None else first
             last = value
             window.append(value)

@@ -2,7 +2,8 @@
 
 Layout: ``config.json`` (the resolved options), ``metrics.jsonl`` (one JSON object per logged step),
 ``metrics.json`` (final figures), ``checkpoints/step_XXXXXXXX.safetensors`` (resumable, see
-:mod:`userllm.checkpoint`), and what each stage adds (``llm/``, ``encoder.json``, ``pretrain/``,
+:mod:`userllm.checkpoint`; with ``--distributed fsdp`` the resumable ones are ``step_XXXXXXXX.dcp/``
+directories, :mod:`userllm.fsdp`), and what each stage adds (``llm/``, ``encoder.json``, ``pretrain/``,
 ``encoder.safetensors``, ``profile.json``, ``eval.json``). ``config.json`` and ``metrics.json`` are written
 atomically; every JSON file is strict JSON (a NaN or infinite number is written as ``null``).
 
@@ -122,36 +123,60 @@ def _readable(path: Path) -> str | None:
     return None
 
 
-def resume_checkpoint(run_dir: Path, explicit: str | os.PathLike | None = None) -> Path | None:
+def _sharded_readable(path: Path) -> str | None:
+    from .fsdp import read_sharded_meta
+
+    try:
+        read_sharded_meta(path)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def run_checkpoints(run_dir: Path, sharded: bool = False) -> list[tuple[int, Path]]:
+    """(step, path) of the run's resumable checkpoints, oldest first: safetensors files, or with ``sharded``
+    the FSDP checkpoint directories (:mod:`userllm.fsdp`)."""
+    if not sharded:
+        return list_checkpoints(run_dir)
+    from .fsdp import list_sharded_checkpoints
+
+    return list_sharded_checkpoints(run_dir)
+
+
+def resume_checkpoint(run_dir: Path, explicit: str | os.PathLike | None = None, sharded: bool = False) -> Path | None:
     """The checkpoint a ``--resume`` continues from: ``explicit`` (``--checkpoint``), else the newest in
     ``run_dir`` (None when there is none yet). A damaged one is a UserError that names the newest good
-    checkpoint and how to resume from it."""
+    checkpoint and how to resume from it. ``sharded``: FSDP checkpoint directories instead of files."""
+    readable = _sharded_readable if sharded else _readable
     if explicit is not None:
         path = Path(explicit)
-        if not path.is_file():
-            raise UserError(f"--checkpoint {path}: file not found")
-        why = _readable(path)
+        if not path.exists() or path.is_dir() != sharded:
+            kind = "sharded checkpoint directory (step_XXXXXXXX.dcp)" if sharded else "file"
+            raise UserError(f"--checkpoint {path}: {kind} not found")
+        why = readable(path)
         if why is not None:
             raise UserError(f"--checkpoint: {why}")
         return path
-    found = list_checkpoints(run_dir)
+    found = run_checkpoints(run_dir, sharded)
     if not found:
         return None
     step, newest = found[-1]
-    why = _readable(newest)
+    why = readable(newest)
     if why is None:
         return newest
     for s, p in reversed(found[:-1]):
-        if _readable(p) is None:
+        if readable(p) is None:
             raise UserError(f"--resume: the newest checkpoint (step {step}) is damaged: {why}; the newest good "
                             f"one is {p} (step {s}): add --checkpoint {p} to resume from it")
     raise UserError(f"--resume: the newest checkpoint (step {step}) is damaged: {why}; no other checkpoint in "
                     f"{run_dir / CHECKPOINT_DIR} is readable")
 
 
-def open_run(cfg, run_dir: Path, *, checkpoint: str | os.PathLike | None = None) -> tuple[Path | None, bool]:
+def open_run(cfg, run_dir: Path, *, checkpoint: str | os.PathLike | None = None,
+             sharded: bool = False) -> tuple[Path | None, bool]:
     """``(checkpoint to resume from or None, resuming?)`` for the options ``cfg`` (an
-    :class:`~userllm.config.Options` with ``resume``), with the rules of the module docstring."""
+    :class:`~userllm.config.Options` with ``resume``), with the rules of the module docstring
+    (``sharded``: the run writes FSDP checkpoint directories)."""
     if not cfg.resume:
         if holds_run(run_dir):
             raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -161,7 +186,7 @@ def open_run(cfg, run_dir: Path, *, checkpoint: str | os.PathLike | None = None)
     diff = cfg.resume_differences(read_run_config(run_dir))
     if diff:
         raise UserError("--resume: options differ from the run being resumed: " + ", ".join(diff))
-    return resume_checkpoint(run_dir, checkpoint), True
+    return resume_checkpoint(run_dir, checkpoint, sharded), True
 
 
 @contextlib.contextmanager
@@ -172,6 +197,7 @@ def cleanup_on_failure(run_dir: Path, *, resuming: bool, enabled: bool = True) -
     try:
         yield run_dir
     except BaseException:
-        if enabled and not resuming and not existed and run_dir.exists() and not list_checkpoints(run_dir):
+        if (enabled and not resuming and not existed and run_dir.exists() and not list_checkpoints(run_dir)
+                and not run_checkpoints(run_dir, sharded=True)):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise

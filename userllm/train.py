@@ -6,6 +6,7 @@
     python -m userllm.train --window 50 --text-events 10                   # AR50TP10 mixed context
     python -m userllm.train --config run.yaml --resume --out runs/x        # continue a killed run
     torchrun --nproc-per-node 2 -m userllm.train ...                       # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 -m userllm.train --distributed fsdp ...    # FSDP2: the model sharded
 
 Pipeline (each piece built by :mod:`userllm.factory`): load (and cache) the dataset -> LLM (``--llm DIR``
 or the embedded tiny Llama whose BPE tokenizer is trained on the dataset's text) -> user encoder
@@ -28,6 +29,15 @@ schedule is always the one of the final ``--steps``. ``train_seconds`` and the l
 over the resumptions. ``--checkpoint PATH`` resumes from another checkpoint than the newest (e.g. the
 last good one when the newest is damaged; the error names it).
 
+Several processes (``torchrun``): each takes its shard of every global batch (:mod:`userllm.data.loader`)
+and its loss is weighted by its share of the batch's target tokens (:meth:`userllm.distributed.Dist.token_share`),
+so the losses and updates are those of one process on the same global batch (within fp32 rounding).
+``--distributed fsdp`` shards the model with FSDP2 (:mod:`userllm.fsdp`: per decoder layer and
+cross-attention block); its resumable checkpoints are ``checkpoints/step_XXXXXXXX.dcp/`` directories,
+resumed with the same ``--resume`` by as many processes, and the end of the run also writes the trained
+model unsharded (``step_XXXXXXXX.safetensors``, no optimizer state) for ``userllm.evaluate`` /
+``userllm.generate``; the final evaluation runs on that unsharded model on rank 0.
+
 A non-finite training loss stops the run (exit status 3) naming the step and the last good checkpoint;
 no checkpoint of the diverged weights is written.
 """
@@ -49,8 +59,8 @@ from .errors import UserError
 from .evaluation import eval_subset, evaluate_and_report
 from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, check_paths,
                       checkpoint_modules, count_parameters, fill_readout, load_data, make_batcher, set_threads)
-from .loop import (amp_factory, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
-                   seed_everything, train_loop)
+from .loop import (TrainingDiverged, amp_factory, check_finite_weights, cosine_with_warmup, last_good,
+                   optimizer_step, resync_lr, seed_everything, train_loop)
 from .runs import (METRICS_LOG, MetricsLogger, cleanup_on_failure, open_run, read_jsonl, write_metrics,
                    write_run_config)
 from .utils.atomic import write_json
@@ -69,10 +79,10 @@ def run_dir_for(cfg: TrainConfig, dist: Dist) -> Path:
 def train(cfg: TrainConfig) -> dict:
     """Run the whole stage; returns the final metrics (rank 0; {} on other ranks)."""
     check_paths(cfg)
-    dist = init_distributed(cfg.device, cfg.batch_size)
+    dist = init_distributed(cfg.device, cfg.batch_size, cfg.distributed)
     set_threads(cfg, dist.device)
     run_dir = run_dir_for(cfg, dist)
-    resume_from, resuming = open_run(cfg, run_dir, checkpoint=cfg.checkpoint)
+    resume_from, resuming = open_run(cfg, run_dir, checkpoint=cfg.checkpoint, sharded=cfg.distributed == "fsdp")
     with cleanup_on_failure(run_dir, resuming=resuming, enabled=dist.main):
         results = _train(cfg, dist, run_dir, resume_from, resuming)
     dist.close()
@@ -139,15 +149,27 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)
+    fsdp = dist.world > 1 and cfg.distributed == "fsdp"
+    shadow = None
+    if fsdp:
+        from .fsdp import meta_copy, shard_model
 
-    params = [p for p in model.parameters() if p.requires_grad]
+        shadow = meta_copy(model) if dist.main else None     # the unsharded structure, for the evaluation
+        shard_model(model)
+
+    params = [p for p in model.parameters() if p.requires_grad]     # after sharding: FSDP's DTensor params
     # The fused AdamW kernel (CPU and CUDA) is ~2x cheaper than the per-tensor loop for many small tensors.
     fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup, cfg.steps, cfg.min_lr_ratio if cfg.cosine else 1.0)
     step, before = 0, {}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, checkpoint_modules(model, cfg), optimizer, scheduler)
+        if fsdp:
+            from .fsdp import load_sharded
+
+            state = load_sharded(resume_from, model, optimizer, scheduler)
+        else:
+            state = load_checkpoint(resume_from, checkpoint_modules(model, cfg), optimizer, scheduler)
         step, before = state.step, state.extra
         resync_lr(scheduler)                     # the schedule of the final --steps
         log(f"resumed from {resume_from} at step {step}", flush=True)
@@ -157,7 +179,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         raise UserError(f"--steps {cfg.steps}: the run is already at step {step}")
     prior_total = float(before.get("total_seconds", 0.0))
     ddp_model = model
-    if dist.world > 1:
+    if dist.world > 1 and not fsdp:
         # Every trainable parameter is in the graph of every step (apply_strategy freezes the encoder's
         # pretraining-only heads), so DDP needs no find_unused_parameters traversal.
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -174,6 +196,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     def train_step(lb) -> torch.Tensor:
         with amp():
             loss = ddp_model(**lb.model_inputs(), labels=lb.labels).loss
+        if dist.world > 1:          # this rank's share of the global batch's token mean (see the docstring)
+            loss = loss * dist.token_share(lb.labels)
         optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
         return loss
 
@@ -212,12 +236,20 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     last_saved: list[Path | None] = [resume_from]
 
     def save(step: int, info: dict, seconds: float) -> Path | None:
+        extra = {"model": cfg.model_name, "train_seconds": round(seconds, 3),
+                 "total_seconds": round(prior_total + time.time() - t_start, 3)}
+        if fsdp:
+            from .fsdp import save_sharded, weights_finite
+
+            if not dist.all_true(weights_finite(model)):
+                raise TrainingDiverged(f"step {step}: the weights became non-finite; no checkpoint of them was "
+                                       f"written and {last_good(last_saved[0])} (lower --lr?)")
+            last_saved[0] = save_sharded(run_dir, step, model, optimizer, scheduler, extra=extra)
+            return last_saved[0]
         if dist.main:
             modules = checkpoint_modules(model, cfg)
             check_finite_weights(modules, step, last_saved[0])
-            last_saved[0] = save_checkpoint(run_dir, step, modules, optimizer, scheduler,
-                                            extra={"model": cfg.model_name, "train_seconds": round(seconds, 3),
-                                                   "total_seconds": round(prior_total + time.time() - t_start, 3)})
+            last_saved[0] = save_checkpoint(run_dir, step, modules, optimizer, scheduler, extra=extra)
         dist.barrier()
         return last_saved[0]
 
@@ -236,6 +268,14 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
             logger.close()
 
     results: dict = {}
+    if fsdp:
+        from .fsdp import unsharded
+
+        model = unsharded(model, shadow)                      # rank 0: the trained model, whole; others: None
+        if dist.main:
+            model = model.to(device)
+            save_checkpoint(run_dir, loop.step, checkpoint_modules(model, cfg),
+                            extra={"model": cfg.model_name, "unsharded_from": str(last_saved[0])})
     if dist.main:
         losses = [r["loss"] for r in read_jsonl(run_dir / METRICS_LOG) if "loss" in r]
         first_loss, final_loss = (losses[0], losses[-1]) if losses else (None, None)

@@ -53,6 +53,21 @@ def test_shapes_and_mask():
     assert enc.score_next(feats, lengths).shape == (3, 40)
 
 
+def test_score_next_is_the_full_forward_at_the_last_event_bit_for_bit():
+    """score_next runs the last block at each row's last event only (the ranking path); the scores are
+    exactly those of the full forward's last real position, for full, partial, one-event and empty rows."""
+    enc = make_encoder()
+    feats, lengths = make_batch(lengths=(7, 4, 1, 0, 6), L=7)
+    out = enc(feats, lengths)
+    last = (lengths - 1).clamp_min(0)
+    hidden = out.embeddings[torch.arange(5), last]
+    hidden[lengths == 0] = enc.transformer(enc.embed(feats))[lengths == 0, 0]     # position 0's output
+    table = enc.tables["item"]
+    want = enc.head_proj["item"](hidden) @ table.t() + enc.head_bias["item"]
+    assert torch.equal(enc.last_hidden(feats, lengths), hidden)
+    assert torch.allclose(enc.score_next(feats, lengths), want, rtol=0, atol=1e-6)   # addmm: bias in the GEMM
+
+
 def test_padding_does_not_affect_real_outputs():
     enc = make_encoder()
     feats, lengths = make_batch()

@@ -138,6 +138,20 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, L, C))
 
+    def forward_last(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Row ``b``'s output at position ``last[b]`` alone: float [B, C], bit-identical to ``forward(x)[b, last[b]]``.
+
+        x: float [B, L, C]; last: int64 [B] in [0, L). The projections and the causal attention run over
+        every position as in :meth:`forward` (one query row of SDPA with a key mask instead would differ in
+        the last bits: 15 of 5,120 MovieLens-20M ranks moved by one); only the output projection runs at
+        ``last`` alone.
+        """
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2)[torch.arange(B, device=x.device), last].reshape(B, C))
+
 
 class Block(nn.Module):
     """Pre-LN Transformer block (nanoGPT style)."""
@@ -155,6 +169,13 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
+    def forward_last(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """float [B, d]: ``forward(x)[b, last[b]]`` with the residual, LayerNorm and MLP at that position only
+        (x [B, L, d], last int64 [B])."""
+        h = x[torch.arange(len(last), device=x.device), last]
+        h = h + self.drop(self.attn.forward_last(self.ln1(x), last))
+        return h + self.drop(self.mlp(self.ln2(h)))
+
 
 class CausalTransformer(nn.Module):
     """Stack of causal pre-LN blocks with a final LayerNorm: [B, L, d] -> [B, L, d]."""
@@ -168,6 +189,15 @@ class CausalTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
+
+    def forward_last(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """float [B, d]: ``forward(x)[b, last[b]]``, bit for bit. Only the last block is cut to one position
+        (the blocks before it feed its keys and values at every position): its output projection, second
+        LayerNorm, MLP and the final LayerNorm run on B rows instead of B x L, about 2/3 of that block's
+        work at window 50 (measured in benchmarks/RESULTS.md, the 20M full ranking)."""
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.ln_f(self.blocks[-1].forward_last(x, last))
 
 
 def init_linear_weights(module: nn.Module) -> None:
