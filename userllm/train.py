@@ -1,6 +1,6 @@
 """Stage 2 of User-LLM: train the LLM side on a task, evaluate, print a table (``python -m userllm.train``).
 
-    python -m userllm.train                                    # synthetic data, ~5 CPU minutes end to end
+    python -m userllm.train                                    # synthetic data, ~4 minutes on 2 idle cores
     python -m userllm.train --strategy full --integration softprompt --perceiver-latents 8
     python -m userllm.train --baseline textprompt --strategy lora          # the TextPrompt baseline
     python -m userllm.train --window 50 --text-events 10                   # AR50TP10 mixed context
