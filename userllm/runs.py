@@ -114,20 +114,10 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / m).exists() for m in RUN_MARKERS)
 
 
-def _readable(path: Path) -> str | None:
-    """None when ``path`` is a readable checkpoint, else why not."""
+def _unreadable(read, path: Path) -> str | None:
+    """None when ``read(path)`` accepts the checkpoint, else why not (its UserError's message)."""
     try:
-        read_checkpoint(path)
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
-def _sharded_readable(path: Path) -> str | None:
-    from .fsdp import read_sharded_meta
-
-    try:
-        read_sharded_meta(path)
+        read(path)
     except UserError as exc:
         return str(exc)
     return None
@@ -147,13 +137,16 @@ def resume_checkpoint(run_dir: Path, explicit: str | os.PathLike | None = None, 
     """The checkpoint a ``--resume`` continues from: ``explicit`` (``--checkpoint``), else the newest in
     ``run_dir`` (None when there is none yet). A damaged one is a UserError that names the newest good
     checkpoint and how to resume from it. ``sharded``: FSDP checkpoint directories instead of files."""
-    readable = _sharded_readable if sharded else _readable
+    if sharded:
+        from .fsdp import read_sharded_meta as read
+    else:
+        read = read_checkpoint
     if explicit is not None:
         path = Path(explicit)
         if not path.exists() or path.is_dir() != sharded:
             kind = "sharded checkpoint directory (step_XXXXXXXX.dcp)" if sharded else "file"
             raise UserError(f"--checkpoint {path}: {kind} not found")
-        why = readable(path)
+        why = _unreadable(read, path)
         if why is not None:
             raise UserError(f"--checkpoint: {why}")
         return path
@@ -161,11 +154,11 @@ def resume_checkpoint(run_dir: Path, explicit: str | os.PathLike | None = None, 
     if not found:
         return None
     step, newest = found[-1]
-    why = readable(newest)
+    why = _unreadable(read, newest)
     if why is None:
         return newest
     for s, p in reversed(found[:-1]):
-        if readable(p) is None:
+        if _unreadable(read, p) is None:
             raise UserError(f"--resume: the newest checkpoint (step {step}) is damaged: {why}; the newest good "
                             f"one is {p} (step {s}): add --checkpoint {p} to resume from it")
     raise UserError(f"--resume: the newest checkpoint (step {step}) is damaged: {why}; no other checkpoint in "
