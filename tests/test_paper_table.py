@@ -98,14 +98,23 @@ def test_subprocess_launcher_records_times(tmp_path, cache, capsys):
 
 
 def test_verdict_rule():
-    f = pt.Finding("x", "a", ">", "b", "m", "-")
+    f = pt.Finding("x", "a", ">", "b", "test.recall@10", "-")
     ms = pt.mean_std
     assert pt.verdict(f, ms([0.5, 0.6, 0.7]), ms([0.1, 0.1, 0.1]))["verdict"] == "reproduced"
     assert pt.verdict(f, ms([0.1, 0.1, 0.1]), ms([0.5, 0.6, 0.7]))["verdict"] == "not reproduced (reversed)"
     assert pt.verdict(f, ms([0.1, 0.3]), ms([0.2, 0.2]))["verdict"] == "not resolved (within noise)"
-    same = pt.Finding("x", "a", "~", "b", "m", "-")
+    # 2 hits against 1 in 200 users, in every seed: no spread over seeds, but the binomial floor says noise
+    two, one = ms([0.01] * 3), ms([0.005] * 3)
+    assert pt.verdict(f, two, one)["verdict"] == "reproduced"
+    r = pt.verdict(f, two, one, 200, 200)
+    assert r["verdict"] == "not resolved (within noise)"
+    assert r["se"] == pytest.approx(math.sqrt(0.01 * 0.99 / 600 + 0.005 * 0.995 / 600))
+    assert pt.verdict(pt.Finding("x", "a", ">=", "b", "m", "-"), ms([0.2, 0.21]), ms([0.2, 0.21]))["verdict"] \
+        == "consistent (equal within noise)"
+    same = pt.Finding("x", "a", "~", "b", "test.recall@1", "-")
     assert pt.verdict(same, ms([0.52, 0.52]), ms([0.54, 0.54]))["verdict"] == "reproduced"     # within 10%
     assert pt.verdict(same, ms([0.30, 0.30]), ms([0.54, 0.54]))["verdict"] == "not reproduced"
+    assert pt.verdict(same, ms([0.01] * 3), ms([0.005] * 3), 200, 200)["verdict"].startswith("not resolved")
     assert pt.verdict(f, None, ms([0.1]))["verdict"] == "not run"
     assert ms([1.0])["std"] == 0.0 and ms([1.0, 3.0])["std"] == pytest.approx(math.sqrt(2))
 
