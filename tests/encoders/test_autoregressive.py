@@ -68,6 +68,14 @@ def test_score_next_is_the_full_forward_at_the_last_event_bit_for_bit():
     assert torch.allclose(enc.score_next(feats, lengths), want, rtol=0, atol=1e-6)   # addmm: bias in the GEMM
 
 
+def test_next_item_query_factors_score_next_bit_for_bit():
+    enc = make_encoder()
+    feats, lengths = make_batch(lengths=(7, 4, 1, 0, 6), L=7)
+    query, table, bias = enc.next_item_query(feats, lengths)
+    assert query.shape == (5, 12) and table.shape == (40, 12) and bias.shape == (40,)
+    assert torch.equal(torch.addmm(bias, query, table.t()), enc.score_next(feats, lengths))
+
+
 def test_padding_does_not_affect_real_outputs():
     enc = make_encoder()
     feats, lengths = make_batch()
