@@ -71,6 +71,33 @@ def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
     assert run_cli(main, tiny_args(cache, out, clusters=5)) == 2
 
 
+def test_a_rerun_reuses_the_cached_encoder_pretraining(tmp_path, capsys):
+    """The encoder pretrained on the training users is cached beside the data, keyed by what it depends on:
+    a second run (another --out, other LLM options) loads it and gets the same clusters; another recipe or
+    another held-out split pretrains afresh."""
+    cache = tmp_path / "cache"
+    assert run_cli(main, tiny_args(cache, tmp_path / "a", seeds=1)) == 0
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())["encoder"]
+    assert first["cached"] is False and Path(first["cache"]).is_file()
+    capsys.readouterr()
+    assert run_cli(main, tiny_args(cache, tmp_path / "b", seeds=1, novelty_steps=3)) == 0
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())["encoder"]
+    assert second == {"cache": first["cache"], "cached": True}
+    assert "encoder: pretrained weights from" in capsys.readouterr().out
+    clusters = [json.loads((tmp_path / r / "seed_0" / "clusters.json").read_text()) for r in "ab"]
+    assert clusters[0] == clusters[1]                       # the same item embeddings
+    for over in ({"pretrain_steps": 5}, {"test_fraction": 0.4}):
+        name = next(iter(over))
+        assert run_cli(main, tiny_args(cache, tmp_path / name, seeds=1, **over)) == 0
+        other = json.loads((tmp_path / name / "metrics.json").read_text())["encoder"]
+        assert other["cached"] is False and other["cache"] != first["cache"]
+    # A damaged entry is not trusted: it is pretrained again and rewritten.
+    Path(first["cache"]).write_bytes(b"not safetensors")
+    assert run_cli(main, tiny_args(cache, tmp_path / "c", seeds=1)) == 0
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["encoder"]["cached"] is False
+    assert json.loads((tmp_path / "c" / "seed_0" / "clusters.json").read_text()) == clusters[0]
+
+
 @pytest.mark.parametrize("over, message", [
     ({"clusters": 1}, "--clusters: must be >= 2"),
     ({"clusters": 500}, "--clusters 500"),

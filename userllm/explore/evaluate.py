@@ -35,6 +35,8 @@ from .models import Contexts, Cost
 
 RECALL_K = 10
 BASELINES = ("random", "popular", "greedy", "aligned-all")
+#: picks.jsonl key: rank (0 = first) of the actual item among its own cluster's items under the encoder.
+TARGET_RANK = "target_item_rank"
 METRICS = ("hit", "pos_among_hits", "item_recall@10", "distinct", "entropy", "passes", "tokens", "ms")
 
 
@@ -111,10 +113,13 @@ def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarr
             for j, i in enumerate(idx):
                 picks[name][i] = select(distinct[j], cand_scores[j])
                 records[i]["samples"][n] = samples[j]
-    ranks = item_ranks(ds, clusters, ctx, picks, encoder, device, batch_size)
+    # The rank inside the target cluster too: on a hit it is the rank inside the chosen one, so a saved run
+    # can be re-scored with another selection rule without the encoder (:mod:`.rescore`).
+    ranks = item_ranks(ds, clusters, ctx, {**picks, TARGET_RANK: target}, encoder, device, batch_size)
     results = {m: pick_metrics(picks[m], target, positive, ranks[m], costs[m]) for m in picks}
     for i in range(U):
         records[i]["picks"] = {m: int(picks[m][i]) for m in picks}
+        records[i][TARGET_RANK] = int(ranks[TARGET_RANK][i])
     return results, records
 
 
