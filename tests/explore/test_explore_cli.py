@@ -11,6 +11,7 @@ import pytest
 
 from userllm.cli import run_cli
 from userllm.explore.__main__ import main
+from userllm.explore.rescore import main as rescore_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,6 +70,41 @@ def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
     assert run_cli(main, tiny_args(cache, out)) == 0
     assert json.loads((out / "metrics.json").read_text())["mean"] == metrics["mean"]
     assert run_cli(main, tiny_args(cache, out, clusters=5)) == 2
+    # Re-scoring the saved picks with the run's own rule reproduces every best-of-n and baseline figure.
+    assert run_cli(rescore_main, ["--run", str(out), "--selections", "top,softmax"]) == 0
+    doc = json.loads((out / "rescore.json").read_text())
+    assert set(doc["rules"]) == {"top", "softmax"} and doc["seeds"] == [0, 1]
+    for m, r in metrics["mean"].items():
+        for k in ("hit", "pos_among_hits", "item_recall@10", "distinct", "entropy"):
+            assert doc["rules"]["top"]["mean"][m][k]["values"] == pytest.approx(r[k]["values"]), (m, k)
+    assert "--selection softmax (T = 1)" in (out / "rescore.md").read_text()
+
+
+def test_lift_selection_in_a_run_equals_its_rescoring(tmp_path, cache):
+    """--selection lift picks among the same samples by score minus the per-cluster prior; the offline
+    re-scoring of a top-rule run with lift gives the same picks."""
+    runs = {rule: tmp_path / rule for rule in ("top", "lift")}
+    for rule, out in runs.items():
+        assert run_cli(main, tiny_args(cache, out, seeds=1, selection=rule)) == 0
+    assert run_cli(rescore_main, ["--run", str(runs["top"]), "--selections", "lift"]) == 0
+    lift = json.loads((runs["lift"] / "metrics.json").read_text())["mean"]
+    rescored = json.loads((runs["top"] / "rescore.json").read_text())["rules"]["lift"]["mean"]
+    for m in lift:
+        for k in ("hit", "distinct", "entropy"):
+            assert rescored[m][k]["values"] == pytest.approx(lift[m][k]["values"]), (m, k)
+    rows = [json.loads(line) for line in (runs["lift"] / "seed_0" / "picks.jsonl").read_text().splitlines()]
+    assert all(r["picks"][f"best-of-{n}"] in r["samples"][str(n)] for r in rows for n in (1, 2, 4))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run", "/nonexistent/run"], "--run /nonexistent/run: not a directory"),
+    (["--selections", "top"], "--run: required"),
+    (["--run", ".", "--selections", "top,best"], "--selections"),
+])
+def test_rescore_bad_input_is_one_line(tmp_path, capsys, args, message):
+    assert run_cli(rescore_main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
 
 
 def test_a_rerun_reuses_the_cached_encoder_pretraining(tmp_path, capsys):

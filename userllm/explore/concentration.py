@@ -24,45 +24,22 @@ from typing import Sequence
 
 import numpy as np
 
+from .selection import additive_fit
+
 PICKS_FILE = "picks.jsonl"
-#: Alternating-means passes of the additive fit: on the synthetic CI run the share is stable to 1e-10
-#: from 20 passes (10: 1e-8), so 100 leaves a wide margin at a cost of milliseconds.
-FIT_ITERATIONS = 100
 
 
 def read_picks(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def cluster_bias_share(scores: Sequence[dict], iterations: int = FIT_ITERATIONS) -> float:
+def cluster_bias_share(scores: Sequence[dict]) -> float:
     """Share (0..1) of the aligned scores' variance within users that one number per cluster explains.
 
-    scores: per user, {cluster id: aligned score} over its new clusters (users with one cluster add nothing).
-    The additive model ``score[u, c] = a[u] + b[c]`` is fitted by least squares (alternating the two
-    sets of means, which converges for this two-way layout); the result is
-    ``1 - SSE(a + b) / SSE(a)``, where ``SSE(a)`` is what is left after each user's own mean.
+    scores: per user, {cluster id: aligned score} over its new clusters (users with one cluster add nothing):
+    the ``share`` of the additive fit ``score[u, c] = a[u] + b[c]`` (:func:`.selection.additive_fit`).
     """
-    users, clusters, values = [], [], []
-    for u, s in enumerate(scores):
-        if len(s) < 2:
-            continue
-        users.extend([u] * len(s))
-        clusters.extend(int(c) for c in s)
-        values.extend(float(v) for v in s.values())
-    if not values:
-        return 0.0
-    _, u = np.unique(np.asarray(users), return_inverse=True)
-    c, v = np.asarray(clusters), np.asarray(values)
-    n_u, n_c = np.bincount(u), np.maximum(np.bincount(c), 1)
-    a = np.bincount(u, weights=v) / n_u
-    within = float(((v - a[u]) ** 2).sum())
-    if within == 0.0:
-        return 0.0
-    b = np.zeros(len(n_c))
-    for _ in range(iterations):
-        b = np.bincount(c, weights=v - a[u], minlength=len(n_c)) / n_c
-        a = np.bincount(u, weights=v - b[c]) / n_u
-    return float(1.0 - ((v - a[u] - b[c]) ** 2).sum() / within)
+    return additive_fit(scores)[1]
 
 
 def concentration(records: Sequence[dict]) -> dict:

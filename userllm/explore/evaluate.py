@@ -9,8 +9,8 @@ for the user (absent from that window). Methods:
 * ``aligned-all``: the aligned LLM scores every new cluster and the top one is picked (its cost is one
   forward pass per new cluster);
 * ``best-of-n``: n labels sampled from the novelty LLM (``--temperature`` / ``--top-p``); the aligned LLM
-  scores the distinct ones and the top one is picked (n = 1: the sample itself, no scoring; ties keep the
-  first sampled).
+  scores the distinct ones and one is picked by ``--selection`` (:mod:`.selection`; default the top one;
+  n = 1: the sample itself, no scoring; ties keep the first sampled).
 
 Then, hierarchically, the items inside the chosen cluster are ranked by the (pretrained) encoder's
 next-item scores restricted to that cluster.
@@ -32,6 +32,7 @@ import torch
 
 from ..metrics import label_ranks
 from .models import Contexts, Cost
+from .selection import additive_fit, select, selection_rng
 
 RECALL_K = 10
 BASELINES = ("random", "popular", "greedy", "aligned-all")
@@ -67,22 +68,20 @@ def pick_metrics(picks: np.ndarray, target: np.ndarray, positive: np.ndarray, it
             "ms": 1000.0 * cost.seconds / max(U, 1), "users": U}
 
 
-def select(candidates: Sequence[int], scores: Sequence[float]) -> int:
-    """The top-scored candidate (the first one among equal scores)."""
-    return int(candidates[int(np.argmax(np.asarray(scores)))])
-
-
 def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarray, popular_counts: np.ndarray,
              novelty, aligned, encoder, n_list: Sequence[int], temperature: float, top_p: float,
-             batch_size: int, seed: int, device) -> tuple[dict[str, dict], list[dict]]:
-    """({method: metrics}, per-user pick records) for the held-out contexts (module docstring)."""
+             batch_size: int, seed: int, device, selection: str = "top", selection_temperature: float = 1.0
+             ) -> tuple[dict[str, dict], list[dict]]:
+    """({method: metrics}, per-user pick records) for the held-out contexts (module docstring); best-of-n
+    chooses among its samples by the ``selection`` rule (:mod:`.selection`)."""
     U, K = len(ctx), clusters.k
     allowed = [[c for c in range(K) if c not in set(r)] for r in ctx.recent]
     rng = np.random.default_rng([seed, 21])
     gen = torch.Generator().manual_seed(seed)
     picks: dict[str, np.ndarray] = {m: np.zeros(U, dtype=np.int64) for m in BASELINES}
     costs: dict[str, Cost] = {m: Cost() for m in BASELINES}
-    records = [{"samples": {}, "aligned_all": None} for _ in range(U)]
+    records = [{"samples": {}, "sample_scores": {}, "aligned_all": None} for _ in range(U)]
+    candidates: dict[int, list] = {n: [None] * U for n in n_list}     # per n and user: (distinct, scores)
     for n in n_list:
         picks[best_of_n_name(n)] = np.zeros(U, dtype=np.int64)
         costs[best_of_n_name(n)] = Cost()
@@ -98,7 +97,7 @@ def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarr
         scores, cost = aligned.score(sub, sub_allowed)
         costs["aligned-all"] += cost
         for j, i in enumerate(idx):
-            picks["aligned-all"][i] = select(sub_allowed[j], scores[j])
+            picks["aligned-all"][i] = select(sub_allowed[j], scores[j], "top")
             records[i]["aligned_all"] = dict(zip(sub_allowed[j], [round(s, 4) for s in scores[j]]))
         for n in n_list:
             name = best_of_n_name(n)
@@ -111,8 +110,16 @@ def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarr
             else:
                 cand_scores = [[0.0] for _ in distinct]
             for j, i in enumerate(idx):
-                picks[name][i] = select(distinct[j], cand_scores[j])
+                candidates[n][i] = (distinct[j], cand_scores[j])
                 records[i]["samples"][n] = samples[j]
+                records[i]["sample_scores"][n] = [round(x, 6) for x in cand_scores[j]] if n > 1 else []
+    # After every user is scored: the lift rule's prior is fitted on all of them (:mod:`.selection`).
+    prior = additive_fit([r["aligned_all"] for r in records], K)[0] if selection == "lift" else None
+    for n in n_list:
+        sel_rng = selection_rng(seed, n)
+        for i, (cands, cand_scores) in enumerate(candidates[n]):
+            picks[best_of_n_name(n)][i] = select(cands, cand_scores, selection, prior, selection_temperature,
+                                                 sel_rng)
     # The rank inside the target cluster too: on a hit it is the rank inside the chosen one, so a saved run
     # can be re-scored with another selection rule without the encoder (:mod:`.rescore`).
     ranks = item_ranks(ds, clusters, ctx, {**picks, TARGET_RANK: target}, encoder, device, batch_size)

@@ -12,8 +12,8 @@ std, the target check, the selector's concentration (:mod:`.concentration`), clu
 ``table.md``, ``curve.png``, and per seed ``seed_<s>/result.json`` (its
 metrics: rerunning the same command with the same ``--out`` reuses the seeds already finished),
 ``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
-item, the feedback, every method's pick, the best-of-n samples, the aligned scores of all new clusters and
-the actual item's rank inside its cluster) and ``seed_<s>/clusters.json`` (labels, sizes, training targets).
+item, the feedback, every method's pick, the best-of-n samples and the aligned scores of their distinct
+clusters, the aligned scores of all new clusters and the actual item's rank inside its cluster) and ``seed_<s>/clusters.json`` (labels, sizes, training targets).
 The encoder pretrained here is cached beside the data (``explore-encoder-<key>.safetensors``, keyed by its
 recipe, the data and the held-out users), as the default LLM's pretraining is (``llm-<key>/``): a rerun,
 interrupted or not, pretrains neither again.
@@ -193,7 +193,7 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
     test_ctx = contexts_at(ds, ec, test_tr.row, cfg.window)
     results, records = ev.evaluate(ds, clusters, test_ctx, test_tr.cluster, test_tr.positive, popular, novelty,
                                    aligned, encoder, cfg.n_list, cfg.temperature, cfg.top_p, cfg.eval_batch_size,
-                                   seed, device)
+                                   seed, device, cfg.selection, cfg.selection_temperature)
     lines = []
     for i, rec in enumerate(records):
         row = int(test_tr.row[i])
@@ -204,6 +204,7 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
             "target_item": ds.item_titles([ds.features["item"][row]])[0], "positive": bool(test_tr.positive[i]),
             "picks": rec["picks"], "pick_labels": {m: clusters.labels[c] for m, c in rec["picks"].items()},
             "samples": {str(n): s for n, s in rec["samples"].items()},
+            "sample_scores": {str(n): s for n, s in rec["sample_scores"].items()},
             "aligned_all": {str(c): s for c, s in rec["aligned_all"].items()},
             ev.TARGET_RANK: rec[ev.TARGET_RANK]}))
     write_text(out / PICKS_FILE, "\n".join(lines) + "\n")
@@ -225,7 +226,8 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else Path("runs") / f"explore-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     current = cfg.to_dict() | {"out": str(out)}
     if (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+        # An option added since that run was made has its default there (the default keeps the old behaviour).
+        saved = ExploreConfig().to_dict() | json.loads((out / "config.json").read_text())
         if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in current.items() if k != "seeds"}:
             raise UserError(f"--out {out}: already holds a run with other options; choose another directory")
     write_run_config(out, current)
