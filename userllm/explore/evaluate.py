@@ -98,7 +98,7 @@ def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarr
         costs["aligned-all"] += cost
         for j, i in enumerate(idx):
             picks["aligned-all"][i] = select(sub_allowed[j], scores[j], "top")
-            records[i]["aligned_all"] = dict(zip(sub_allowed[j], [round(s, 4) for s in scores[j]]))
+            records[i]["aligned_all"] = dict(zip(sub_allowed[j], scores[j]))
         for n in n_list:
             name = best_of_n_name(n)
             samples, cost = novelty.sample(sub, sub_allowed, n, temperature, top_p, gen)
@@ -112,7 +112,8 @@ def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarr
             for j, i in enumerate(idx):
                 candidates[n][i] = (distinct[j], cand_scores[j])
                 records[i]["samples"][n] = samples[j]
-                records[i]["sample_scores"][n] = [round(x, 6) for x in cand_scores[j]] if n > 1 else []
+                # unrounded: within a user the aligned scores can differ by < 1e-5 (--aligned-negatives 0)
+                records[i]["sample_scores"][n] = list(cand_scores[j]) if n > 1 else []
     # After every user is scored: the lift rule's prior is fitted on all of them (:mod:`.selection`).
     prior = additive_fit([r["aligned_all"] for r in records], K)[0] if selection == "lift" else None
     for n in n_list:

@@ -27,6 +27,10 @@ from .concentration import PICKS_FILE, read_picks
 from .models import Cost
 from .selection import SELECTIONS, additive_fit, select, selection_rng
 
+#: Paired-bootstrap resamples of the gains over best-of-1: on seed 0 of the ml-latest-small run (171 users)
+#: the interval ends moved by at most 0.006 (one user's hit) from 2,000 to 10,000 resamples, at 2.7 s
+#: against 15.9 s for the four n of one rule.
+BOOTSTRAP = 2000
 QUALITY = ("hit", "pos_among_hits", f"item_recall@{ev.RECALL_K}", "distinct", "entropy", "users")
 
 
@@ -74,14 +78,16 @@ def quality(picks: np.ndarray, records: Sequence[dict]) -> dict:
     return {k: full[k] for k in QUALITY}
 
 
-def rescore_seed(records: Sequence[dict], k: int, seed: int, rule: str, temperature: float) -> dict[str, dict]:
-    """{method: quality metrics} of one seed: the run's baselines as saved, best-of-n re-selected by ``rule``."""
+def rescore_seed(records: Sequence[dict], k: int, seed: int, rule: str, temperature: float
+                 ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """({method: quality metrics}, {method: picks int64 [U]}) of one seed: the run's baselines as saved,
+    best-of-n re-selected by ``rule``."""
     if records and ev.TARGET_RANK not in records[0]:
         raise UserError(f"the run's {PICKS_FILE} has no {ev.TARGET_RANK!r} (made before it was recorded): "
                         "rerun it to re-score it")
     scores = [{int(c): s for c, s in r["aligned_all"].items()} for r in records]
     prior = additive_fit(scores, k)[0] if rule == "lift" else None
-    out = {m: quality(np.array([r["picks"][m] for r in records]), records) for m in ev.BASELINES}
+    chosen = {m: np.array([r["picks"][m] for r in records]) for m in ev.BASELINES}
     for n in sorted(int(n) for n in records[0]["samples"]):
         rng = selection_rng(seed, n)
         picks = []
@@ -91,8 +97,37 @@ def rescore_seed(records: Sequence[dict], k: int, seed: int, rule: str, temperat
             cand_scores = saved if saved else [s[c] for c in cands]
             # n = 1 is the sample itself, as in the run (which scores nothing there)
             picks.append(cands[0] if n == 1 else select(cands, cand_scores, rule, prior, temperature, rng))
-        out[ev.best_of_n_name(n)] = quality(np.array(picks), records)
-    return out
+        chosen[ev.best_of_n_name(n)] = np.array(picks)
+    return {m: quality(p, records) for m, p in chosen.items()}, chosen
+
+
+def paired_gain(records: Sequence[Sequence[dict]], picks: Sequence[np.ndarray], base: Sequence[np.ndarray],
+                seed: int = 0, resamples: int = BOOTSTRAP) -> dict:
+    """Gain of ``picks`` over ``base`` (per seed, int64 [U] each, on the same users) in hit rate and in positive
+    feedback among hits, pooled over the seeds' (seed, user) pairs: {"hit": [gain, lo, hi], "pos_among_hits":
+    [gain, lo, hi]}, with the 95% interval of a paired bootstrap over those pairs."""
+    target = np.concatenate([[r["target"] for r in recs] for recs in records])
+    positive = np.concatenate([[r["positive"] for r in recs] for recs in records]).astype(bool)
+    a, b = np.concatenate(picks) == target, np.concatenate(base) == target
+
+    def gains(idx):
+        pos = [float(positive[idx][h[idx]].mean()) if h[idx].any() else np.nan for h in (a, b)]
+        return float(a[idx].mean() - b[idx].mean()), pos[0] - pos[1]
+
+    rng = np.random.default_rng([seed, 41])
+    boot = np.array([gains(rng.integers(0, len(a), len(a))) for _ in range(resamples)])
+    point = gains(np.arange(len(a)))
+    return {key: [point[j], *np.nanpercentile(boot[:, j], [2.5, 97.5]).tolist()]
+            for j, key in enumerate(("hit", "pos_among_hits"))}
+
+
+def format_gains(gains: dict[str, dict], title: str) -> str:
+    lines = [title, "", "| method | hit-rate gain over best-of-1 (95% CI) | pos.-among-hits gain (95% CI) |",
+             "| --- | --- | --- |"]
+    for m, g in gains.items():
+        lines.append(f"| {m} | " + " | ".join(f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
+                                              for v in (g["hit"], g["pos_among_hits"])) + " |")
+    return "\n".join(lines)
 
 
 def rescore(cfg: RescoreConfig, log=print) -> dict:
@@ -103,15 +138,23 @@ def rescore(cfg: RescoreConfig, log=print) -> dict:
     n_list = sorted(int(n) for n in next(iter(per_seed.values()))[0][0]["samples"])
     doc, tables = {"run": str(run), "seeds": list(seeds), "rules": {}}, []
     for rule in cfg.rules:
-        results = [rescore_seed(recs, k, s, rule, cfg.selection_temperature) for s, (recs, k) in per_seed.items()]
+        both = [rescore_seed(recs, k, s, rule, cfg.selection_temperature) for s, (recs, k) in per_seed.items()]
+        results, picks = [r for r, _ in both], [p for _, p in both]
+        recs = [recs for recs, _ in per_seed.values()]
+        gains = {ev.best_of_n_name(n): paired_gain(recs, [p[ev.best_of_n_name(n)] for p in picks],
+                                                   [p[ev.best_of_n_name(1)] for p in picks])
+                 for n in n_list if n > 1}
         agg = ev.aggregate(results)
         mean = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
         what = f"--selection {rule}" + (f" (T = {cfg.selection_temperature:g})" if rule == "softmax" else "")
         title = f"{what}: {run}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
         target = ev.target_met(mean, n_list)
-        doc["rules"][rule] = {"mean": agg, "target": target, "per_seed": dict(zip(map(str, seeds), results))}
+        doc["rules"][rule] = {"mean": agg, "target": target, "gain_over_n1": gains,
+                              "per_seed": dict(zip(map(str, seeds), results))}
         tables.append(ev.format_table(agg, title) + "\n\ntarget: "
-                      + (f"met at n = {', '.join(map(str, target['n']))}" if target["met"] else "not met"))
+                      + (f"met at n = {', '.join(map(str, target['n']))}" if target["met"] else "not met")
+                      + "\n\n" + format_gains(gains, f"Paired gains over best-of-1, {what}: every (seed, user) "
+                                                      f"pair pooled, bootstrap 95% intervals"))
     doc["selection_temperature"] = cfg.selection_temperature
     write_json(run / "rescore.json", doc)
     text = "\n\n".join(tables) + "\n\nCost columns: the run's best-of-n cost (every rule picks among the same " \
