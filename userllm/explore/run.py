@@ -13,7 +13,8 @@ std, the target check, the selector's concentration (:mod:`.concentration`), clu
 metrics: rerunning the same command with the same ``--out`` reuses the seeds already finished),
 ``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
 item, the feedback, every method's pick, the best-of-n samples and the aligned scores of their distinct
-clusters, the aligned scores of all new clusters and the actual item's rank inside its cluster) and ``seed_<s>/clusters.json`` (labels, sizes, training targets).
+clusters, the aligned scores of all new clusters and the actual item's rank inside its cluster: what
+:mod:`.rescore` needs) and ``seed_<s>/clusters.json`` (labels, sizes, the training users' novel targets).
 The encoder pretrained here is cached beside the data (``explore-encoder-<key>.safetensors``, keyed by its
 recipe, the data and the held-out users), as the default LLM's pretraining is (``llm-<key>/``): a rerun,
 interrupted or not, pretrains neither again.
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..factory import build_llm, cache_root, build_model, check_encoder_fits, load_data
+from ..factory import build_llm, build_model, cache_root, check_encoder_fits, load_data
 from ..loop import pick_device, seed_everything
 from ..runs import write_metrics, write_run_config
 from ..utils.atomic import write_json, write_text
