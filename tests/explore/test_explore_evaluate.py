@@ -77,5 +77,6 @@ def test_cluster_bias_share_separates_a_global_ranking_from_a_per_user_one():
                 "aligned_all": {"0": 0.0, "1": 1.0}},
                {"picks": {"popular": 0, "aligned-all": 1, "best-of-2": 0}, "samples": {"2": [0, 2]},
                 "aligned_all": {"0": 0.0, "1": 1.0, "2": -1.0}}]
-    rows = concentration(records)["methods"]
-    assert rows["best-of-2"] == {"popular_share": 0.5, "aligned_top_share": 0.5, "candidates": 1.5}
+    conc = concentration(records)
+    assert conc["methods"]["best-of-2"] == {"popular_share": 0.5, "aligned_top_share": 0.5, "candidates": 1.5}
+    assert conc["score_range"] == pytest.approx(1.5)                    # median of the spreads 1 and 2

@@ -14,6 +14,9 @@ And per seed, ``cluster_bias_share``: the part of the aligned scores that does n
 Fitting ``score[u, c] = a[u] + b[c]`` (a user offset plus one number per cluster), it is the share
 of the scores' variance within users that ``b`` explains. 1.0 means the selector ranks the clusters the
 same for every user; best-of-n then converges, as n grows, to the same few clusters for everyone.
+And ``score_range``: the median over users of the spread (max - min) of the aligned scores over the
+user's new clusters, in logits: how strongly the selector separates the candidates at all (0.01 says
+its choice is close to arbitrary).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def cluster_bias_share(scores: Sequence[dict]) -> float:
 
 
 def concentration(records: Sequence[dict]) -> dict:
-    """{"cluster_bias_share": float, "methods": {method: {"popular_share", "aligned_top_share",
-    "candidates"}}} of one seed's pick records (``picks.jsonl`` lines)."""
+    """{"cluster_bias_share": float, "score_range": float, "methods": {method: {"popular_share",
+    "aligned_top_share", "candidates"}}} of one seed's pick records (``picks.jsonl`` lines)."""
     methods = {}
     for m in records[0]["picks"]:
         picks = np.array([r["picks"][m] for r in records])
@@ -56,7 +59,8 @@ def concentration(records: Sequence[dict]) -> dict:
             row["candidates"] = float(np.mean([len(set(r["samples"][n])) for r in records]))
         methods[m] = row
     bias = cluster_bias_share([{int(c): s for c, s in r["aligned_all"].items()} for r in records])
-    return {"cluster_bias_share": bias, "methods": methods}
+    spread = float(np.median([np.ptp(list(r["aligned_all"].values())) for r in records]))
+    return {"cluster_bias_share": bias, "score_range": spread, "methods": methods}
 
 
 def aggregate_concentration(per_seed: Sequence[dict]) -> dict:
@@ -66,7 +70,7 @@ def aggregate_concentration(per_seed: Sequence[dict]) -> dict:
         return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                 "values": list(vals)}
 
-    out = {"cluster_bias_share": stats([s["cluster_bias_share"] for s in per_seed]), "methods": {}}
+    out = {k: stats([s[k] for s in per_seed]) for k in ("cluster_bias_share", "score_range")} | {"methods": {}}
     for m, row in per_seed[0]["methods"].items():
         out["methods"][m] = {k: stats([s["methods"][m][k] for s in per_seed]) for k in row}
     return out
@@ -85,5 +89,7 @@ def format_concentration(agg: dict, title: str) -> str:
             continue                                   # 1.0 by definition
         cand = cell(row["candidates"], 1) if "candidates" in row else "-"
         lines.append(f"| {m} | {cell(row['popular_share'], 3)} | {cell(row['aligned_top_share'], 3)} | {cand} |")
-    lines += ["", f"User-independent share of the aligned scores' variance: {cell(agg['cluster_bias_share'], 3)}"]
+    lines += ["", f"User-independent share of the aligned scores' variance: {cell(agg['cluster_bias_share'], 3)}",
+              f"Median spread of a user's aligned scores over its new clusters (logits): "
+              f"{cell(agg['score_range'], 3)}"]
     return "\n".join(lines)
