@@ -150,7 +150,7 @@ def rescore(cfg: RescoreConfig, log=print) -> dict:
         mean = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
         what = f"--selection {rule}" + (f" (T = {cfg.selection_temperature:g})" if rule == "softmax" else "")
         title = f"{what}: {run}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
-        target = ev.target_met(mean, n_list)
+        target = ev.target_met(ev.pooled(results), n_list)
         doc["rules"][rule] = {"mean": agg, "target": target, "gain_over_n1": gains,
                               "per_seed": dict(zip(map(str, seeds), results))}
         tables.append(ev.format_table(agg, title) + "\n\ntarget: "

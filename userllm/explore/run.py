@@ -246,7 +246,6 @@ def run(cfg: ExploreConfig, log=print) -> dict:
         per_seed.append(run_seed(cfg, s, shared, out / f"seed_{s}", log))
         write_json(out / f"seed_{s}" / RESULT_FILE, per_seed[-1])
     agg = ev.aggregate([r["results"] for r in per_seed])
-    mean_results = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
     what = f"{cfg.dataset}, K={cfg.clusters}, window {cfg.window}, {per_seed[0]['data']['test_users']} held-out users"
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
@@ -255,7 +254,7 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     conc = aggregate_concentration([concentration(read_picks(out / f"seed_{s}" / PICKS_FILE)) for s in seeds])
     conc_table = format_concentration(conc, f"Selector concentration: {title}")
     metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0].get("encoder"), "mean": agg,
-               "target": ev.target_met(mean_results, cfg.n_list),
+               "target": ev.target_met(ev.pooled([r["results"] for r in per_seed]), cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "concentration": conc,
                "per_seed": per_seed}
     write_metrics(out, metrics)
