@@ -1,6 +1,6 @@
 """Measurements of the scale suite that need a process of their own (so that its peak RSS is theirs alone).
 
-    python benchmarks/scale_probe.py eval RELEASE_DIR --cache-dir CACHE [--threads 2] [--filter-seen]
+    python benchmarks/scale_probe.py eval RELEASE_DIR --cache-dir CACHE [--threads 2] [--filter-seen] [--malloc reuse]
     python benchmarks/scale_probe.py start RELEASE_DIR --cache-dir CACHE [--stride 1]
 
 ``eval``: loads the processed release (from the cache when warm), builds the test split's full-ranking set
@@ -52,6 +52,9 @@ def peak_rss_bytes() -> int:
 
 def run_eval(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.malloc == "reuse":          # as in a training process (userllm.data.loader.make_loader sets it)
+        from userllm.utils.memory import reuse_freed_memory
+        reuse_freed_memory()
     device = pick_device(args.device)
     t0 = time.time()
     ds = load_dataset("movielens", args.release, cache_dir=args.cache_dir)
@@ -71,6 +74,7 @@ def run_eval(args) -> dict:
            "prepare_s": round(t2 - t1, 2), "eval_s": round(t3 - t2, 2),
            "eval_cpu_s": round(c3 - c2, 2), "peak_rss_bytes": peak_rss_bytes(),
            "device": str(device), "threads": torch.get_num_threads(), "filter_seen": args.filter_seen,
+           "malloc": args.malloc,
            "metrics": metrics}
     if device.type == "cuda":
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     ev.add_argument("--filter-seen", action="store_true")
+    ev.add_argument("--malloc", choices=("default", "reuse"), default="default",
+                    help="glibc's settings: its own (an evaluation-only process) or a training process's reuse")
     st = sub.add_parser("start", help="time python -m userllm.pretrain from the process start to its first batch")
     st.add_argument("release")
     st.add_argument("--cache-dir", default=None)

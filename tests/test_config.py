@@ -110,3 +110,14 @@ def test_derived_configs():
     assert (u.integration, u.task_prompt_len, u.perceiver_latents, u.gate_init) == ("softprompt", 2, 3, 0.1)
     # the gate-init policy: closed (Flamingo) with a pretrained --llm, slightly open on the random default
     assert TrainConfig(llm="/some/dir").gate_init == 0.0 and TrainConfig(xattn_gate_init=0.5).gate_init == 0.5
+
+
+def test_config_and_pretrain_do_not_load_transformers():
+    """The encoder's pretraining never needs the LLM libraries; importing them cost ~3.4 CPU-s at its start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, userllm.config, userllm.pretrain; "
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

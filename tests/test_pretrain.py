@@ -4,6 +4,7 @@ the CLI, the dual encoder, and bad options."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -31,6 +32,9 @@ def test_end_to_end_writes_run_layout(tmp_path, cache, capsys):
     assert main(tiny(out, cache, "--steps", "6", "--checkpoint-every", "3", "--eval-every", "3")) == 0
     printed = capsys.readouterr().out
     assert "popularity" in printed and "recall@10" in printed
+    counts = re.search(r"(\d+) training windows of up to 8 events at stride 8 "
+                       r"\(--stride 1, the paper's setting, would give (\d+)\)", printed)
+    assert counts and int(counts[2]) > int(counts[1]) > 0
     assert json.loads((out / "config.json").read_text())["steps"] == 6
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003.safetensors",
                                                                        "step_00000006.safetensors"]

@@ -8,7 +8,8 @@ from userllm.data.dataset import process_events
 from userllm.data.examples import collate, next_item_eval
 from userllm.data.synthetic import SyntheticConfig, generate_synthetic
 from userllm.metrics import label_ranks, metrics_from_ranks, popularity_scores
-from userllm.ranking import PopularityRanks, evaluate_next_item, history_pairs, rank_in_place
+from userllm.ranking import (PopularityRanks, evaluate_next_item, history_pairs, next_item_ranks, rank_in_place,
+                             rank_tiled)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,57 @@ def test_rank_in_place_matches_label_ranks_with_ties_and_repeats():
 def test_no_examples_no_metrics(ds):
     evalset = next_item_eval(ds, 10, "test")
     assert evaluate_next_item(Scorer(ds.num_items), ds, evalset, np.zeros(0, np.int64), "cpu", True) == {}
+
+
+def _integer_factors(B, I, D=3, seed=2):
+    """query [B, D], table [I, D], bias [I] of small integers: exact products, many tied scores."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-2, 3, (B, D), generator=g).float(), torch.randint(-2, 3, (I, D), generator=g).float(),
+            torch.randint(0, 2, (I,), generator=g).float())
+
+
+@pytest.mark.parametrize("tile", [1, 4, 5, 12, 64])
+def test_rank_tiled_equals_rank_in_place_on_the_full_scores(tile):
+    B, I = 9, 12
+    query, table, bias = _integer_factors(B, I)
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(1, I, (B,), generator=g)
+    history = torch.randint(0, I, (B, 7), generator=g)     # repeats, UNK and the label itself
+    history[0, 0] = labels[0]
+    rows = torch.arange(B)[:, None].expand_as(history).reshape(-1)
+    seen = (rows, history.reshape(-1))
+    scores = torch.addmm(bias, query, table.t())
+    assert torch.equal(rank_tiled(query, table, bias, labels, seen, tile=tile),
+                       rank_in_place(scores.clone(), labels, seen))
+    assert torch.equal(rank_tiled(query, table, bias, labels, None, tile=tile),
+                       rank_in_place(scores.clone(), labels))
+
+
+def test_rank_tiled_one_row_and_nan_rows_fall_back_to_the_full_scores():
+    query, table, bias = _integer_factors(4, 10)
+    labels = torch.tensor([3, 1, 9, 5])
+    query[2] = float("nan")                                 # NaN target: no candidate counts (rank 0)
+    want = rank_in_place(torch.addmm(bias, query, table.t()), labels)
+    assert want[2] == 0
+    assert torch.equal(rank_tiled(query, table, bias, labels, tile=3), want)
+    assert torch.equal(rank_tiled(query[:1], table, bias, labels[:1], tile=3), want[:1])
+
+
+def test_ar_encoder_ranks_tiled_and_by_length_in_the_order_of_idx(ds):
+    """The AR encoder's path (rank_tiled, batches sorted by history length) against the dense reference,
+    rank by rank, for a shuffled idx."""
+    from userllm.encoders import EncoderConfig, build_encoder
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(list(ds.feature_specs), d_model=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16)
+    enc = build_encoder("ar", cfg).eval()
+    assert hasattr(enc, "next_item_query")
+    evalset = next_item_eval(ds, 10, "test")
+    idx = np.random.default_rng(4).permutation(len(evalset))
+    pop = popularity_scores(ds.features["item"], ds.num_items)
+    want = reference(enc, ds, evalset, idx, True, pop, batch_size=16)
+    got = next_item_ranks(enc, ds, evalset, idx, "cpu", True, pop, batch_size=16)
+    lengths = evalset.examples.target - evalset.examples.start
+    assert len(np.unique(lengths[idx])) > 3                 # several lengths, so sorting changes the batches
+    for k in ("encoder", "popularity"):
+        assert torch.equal(got[k], torch.cat(want[k])), k

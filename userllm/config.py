@@ -8,7 +8,7 @@ the same set of keys. Precedence: field defaults < ``--config FILE`` (YAML or JS
 command-line options. Unknown keys and bad values raise :class:`~userllm.errors.UserError` naming the key.
 
 The choices are defined where their concept lives (``TASKS`` in :mod:`userllm.data.examples`,
-``STRATEGIES`` in :mod:`userllm.integration.strategies`, ...) and only imported here. Configs that other
+``STRATEGIES`` in :mod:`userllm.integration.names`, ...) and only imported here. Configs that other
 parts need are derived, never translated by hand: :meth:`TrainConfig.user_llm_config` (the
 :class:`~userllm.integration.UserLLMConfig`), :meth:`TrainConfig.pretrain_config` (the brief encoder
 pretraining), :meth:`TrainConfig.synthetic_config` / :meth:`PretrainConfig.synthetic_config`.
@@ -29,8 +29,7 @@ from .data.examples import TASKS
 from .distributed import PARALLELISMS
 from .encoders import ENCODERS as _ENCODER_CLASSES
 from .errors import UserError
-from .integration.model import INTEGRATIONS
-from .integration.strategies import STRATEGIES
+from .integration.names import INTEGRATIONS, STRATEGIES
 
 ENCODERS = tuple(_ENCODER_CLASSES)
 BASELINES = ("none", "textprompt")

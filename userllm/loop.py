@@ -145,14 +145,20 @@ def last_good(checkpoint: Path | None) -> str:
     return f"the last good checkpoint is {checkpoint}"
 
 
+def weights_diverged(step: int, last_checkpoint: Path | None, where: str | None = None) -> TrainingDiverged:
+    """The error for non-finite weights at ``step`` (``where``: the tensor's name, when one process knows it)."""
+    at = f" ({where})" if where else ""
+    return TrainingDiverged(f"step {step}: the weights became non-finite{at}; no checkpoint of them was written "
+                            f"and {last_good(last_checkpoint)} (lower --lr?)")
+
+
 def check_finite_weights(modules: Mapping[str, torch.nn.Module], step: int, last_checkpoint: Path | None) -> None:
     """Raise :class:`TrainingDiverged` when a parameter or buffer of ``modules`` is not finite (before a
     checkpoint of them is written)."""
     for name, module in modules.items():
         for key, t in module.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise TrainingDiverged(f"step {step}: the weights became non-finite ({name}.{key}); no checkpoint "
-                                       f"of them was written and {last_good(last_checkpoint)} (lower --lr?)")
+                raise weights_diverged(step, last_checkpoint, f"{name}.{key}")
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------

@@ -112,8 +112,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume_from: Path | None, resuming
     test_set = next_item_eval(ds, cfg.window, "test")
     val_set = next_item_eval(ds, cfg.window, "val") if cfg.eval_every else None
     popularity = train_item_counts(ds)
+    stride = cfg.effective_stride
+    paper = "the paper's setting" if stride == 1 else \
+        f"--stride 1, the paper's setting, would give {PretrainWindows.count(ds, 1)}"
     print(f"data: {cfg.dataset}: {ds.num_users} users, {ds.num_events} events, {ds.num_items - 1} items; "
-          f"{len(windows)} training windows ({time.time() - t0:.1f}s)", flush=True)
+          f"{len(windows)} training windows of up to {cfg.window} events at stride {stride} ({paper}) "
+          f"({time.time() - t0:.1f}s)", flush=True)
     total_steps = cfg.total_steps(len(windows))
     print(f"training {cfg.encoder} encoder for {total_steps} steps of {cfg.batch_size} windows", flush=True)
 

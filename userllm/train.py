@@ -59,8 +59,8 @@ from .errors import UserError
 from .evaluation import eval_subset, evaluate_and_report
 from .factory import (ENCODER_SPEC_FILE, LLM_SPEC_DIR, build_encoder, build_llm, build_model, check_paths,
                       checkpoint_modules, count_parameters, fill_readout, load_data, make_batcher, set_threads)
-from .loop import (TrainingDiverged, amp_factory, check_finite_weights, cosine_with_warmup, last_good,
-                   optimizer_step, resync_lr, seed_everything, train_loop)
+from .loop import (amp_factory, check_finite_weights, cosine_with_warmup, optimizer_step, resync_lr,
+                   seed_everything, train_loop, weights_diverged)
 from .runs import (METRICS_LOG, MetricsLogger, cleanup_on_failure, open_run, read_jsonl, write_metrics,
                    write_run_config)
 from .utils.atomic import write_json
@@ -242,8 +242,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
             from .fsdp import save_sharded, weights_finite
 
             if not dist.all_true(weights_finite(model)):
-                raise TrainingDiverged(f"step {step}: the weights became non-finite; no checkpoint of them was "
-                                       f"written and {last_good(last_saved[0])} (lower --lr?)")
+                raise weights_diverged(step, last_saved[0])      # the shards do not say which tensor
             last_saved[0] = save_sharded(run_dir, step, model, optimizer, scheduler, extra=extra)
             return last_saved[0]
         if dist.main:

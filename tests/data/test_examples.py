@@ -204,6 +204,13 @@ def test_pretrain_windows_use_train_part_only(ds_syn):
         assert np.array_equal(ev.end - 1, last) and ev.lengths.max() == 5
 
 
+def test_pretrain_window_count_without_building_them(ds_syn):
+    for window, stride in ((4, 4), (4, 1), (50, 3), (1, 1), (100, 100)):
+        assert PretrainWindows.count(ds_syn, stride) == len(PretrainWindows(ds_syn, window, "train", stride))
+    with pytest.raises(UserError, match="stride"):
+        PretrainWindows.count(ds_syn, 0)
+
+
 def test_next_item_eval_seen_items(ds_syn):
     ev = next_item_eval(ds_syn, 10, "test")
     assert len(ev) == ds_syn.num_users

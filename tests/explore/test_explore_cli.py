@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from userllm.cli import run_cli
 from userllm.explore.__main__ import main
+from userllm.explore.rescore import main as rescore_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,6 +71,77 @@ def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
     assert run_cli(main, tiny_args(cache, out)) == 0
     assert json.loads((out / "metrics.json").read_text())["mean"] == metrics["mean"]
     assert run_cli(main, tiny_args(cache, out, clusters=5)) == 2
+    # Re-scoring the saved picks with the run's own rule reproduces every best-of-n and baseline figure.
+    assert run_cli(rescore_main, ["--run", str(out), "--selections", "top,softmax"]) == 0
+    doc = json.loads((out / "rescore.json").read_text())
+    assert set(doc["rules"]) == {"top", "softmax"} and doc["seeds"] == [0, 1]
+    for m, r in metrics["mean"].items():
+        for k in ("hit", "pos_among_hits", "item_recall@10", "distinct", "entropy"):
+            assert doc["rules"]["top"]["mean"][m][k]["values"] == pytest.approx(r[k]["values"]), (m, k)
+    assert "--selection softmax (T = 1)" in (out / "rescore.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run", "/nonexistent/run"], "--run /nonexistent/run: not a directory"),
+    (["--selections", "top"], "--run: required"),
+    (["--run", ".", "--selections", "top,best"], "--selections"),
+])
+def test_rescore_bad_input_is_one_line(tmp_path, capsys, args, message):
+    assert run_cli(rescore_main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_the_encoder_cache_key_follows_the_recipe_the_data_and_the_held_out_users(tmp_path):
+    import dataclasses
+
+    from userllm.explore.config import ExploreConfig
+    from userllm.explore.run import encoder_cache_path, encoder_signature
+    from userllm.factory import load_data
+
+    cfg = ExploreConfig(synthetic_users=40, synthetic_items=40, synthetic_events=20, cache_dir=str(tmp_path))
+    ds = load_data(cfg.train_config(0))
+    pcfg = cfg.train_config(0).pretrain_config(None)
+    held = np.zeros(ds.num_users, dtype=bool)
+    held[:5] = True
+    key = lambda p, h: encoder_cache_path(tmp_path, encoder_signature(p, ds, h))   # noqa: E731
+    assert key(pcfg, held) == key(dataclasses.replace(pcfg, threads=2, out="elsewhere"), held.copy())
+    other_users = held.copy()
+    other_users[5] = True
+    assert len({key(pcfg, held), key(pcfg, other_users), key(dataclasses.replace(pcfg, steps=7), held),
+                key(dataclasses.replace(pcfg, window=12), held), key(dataclasses.replace(pcfg, seed=1), held)}) == 5
+
+
+def test_a_rerun_reuses_the_cached_encoder_pretraining(tmp_path, capsys):
+    """The encoder pretrained on the training users is cached beside the data, keyed by what it depends on:
+    a second run (another --out, another option) loads it and gets the same clusters. That second run selects
+    by --selection lift (score minus the per-cluster prior) among the same samples, and the offline
+    re-scoring of the first (top-rule) run with lift gives the same figures."""
+    cache, runs = tmp_path / "cache", {rule: tmp_path / rule for rule in ("top", "lift")}
+    assert run_cli(main, tiny_args(cache, runs["top"], seeds=1)) == 0
+    first = json.loads((runs["top"] / "metrics.json").read_text())["encoder"]
+    assert first["cached"] is False and Path(first["cache"]).is_file()
+    capsys.readouterr()
+    assert run_cli(main, tiny_args(cache, runs["lift"], seeds=1, selection="lift")) == 0
+    lift = json.loads((runs["lift"] / "metrics.json").read_text())
+    assert lift["encoder"] == {"cache": first["cache"], "cached": True}
+    assert "encoder: pretrained weights from" in capsys.readouterr().out
+    clusters = [json.loads((runs[r] / "seed_0" / "clusters.json").read_text()) for r in runs]
+    assert clusters[0] == clusters[1]                       # the same item embeddings
+    assert run_cli(rescore_main, ["--run", str(runs["top"]), "--selections", "lift"]) == 0
+    rescored = json.loads((runs["top"] / "rescore.json").read_text())["rules"]["lift"]
+    for m, r in lift["mean"].items():
+        for k in ("hit", "pos_among_hits", "item_recall@10", "distinct", "entropy"):
+            assert rescored["mean"][m][k]["values"] == pytest.approx(r[k]["values"]), (m, k)
+    assert set(rescored["gain_over_n1"]) == {"best-of-2", "best-of-4"}
+    rows = [json.loads(line) for line in (runs["lift"] / "seed_0" / "picks.jsonl").read_text().splitlines()]
+    assert all(r["picks"][f"best-of-{n}"] in r["samples"][str(n)] for r in rows for n in (1, 2, 4))
+    # A damaged entry is not trusted (no signature: it is pretrained again and overwritten).
+    from userllm.explore.run import _cached_signature
+
+    assert _cached_signature(Path(first["cache"])) is not None
+    Path(first["cache"]).write_bytes(b"not safetensors")
+    assert _cached_signature(Path(first["cache"])) is None
 
 
 @pytest.mark.parametrize("over, message", [

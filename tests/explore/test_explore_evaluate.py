@@ -77,5 +77,18 @@ def test_cluster_bias_share_separates_a_global_ranking_from_a_per_user_one():
                 "aligned_all": {"0": 0.0, "1": 1.0}},
                {"picks": {"popular": 0, "aligned-all": 1, "best-of-2": 0}, "samples": {"2": [0, 2]},
                 "aligned_all": {"0": 0.0, "1": 1.0, "2": -1.0}}]
-    rows = concentration(records)["methods"]
-    assert rows["best-of-2"] == {"popular_share": 0.5, "aligned_top_share": 0.5, "candidates": 1.5}
+    conc = concentration(records)
+    assert conc["methods"]["best-of-2"] == {"popular_share": 0.5, "aligned_top_share": 0.5, "candidates": 1.5}
+    assert conc["score_range"] == pytest.approx(1.5)                    # median of the spreads 1 and 2
+
+
+def test_target_pools_hits_over_seeds():
+    # The same hits over all seeds is a tie, whatever the seeds' user counts; one more hit is a gain.
+    def res(hit, users, pos=0.8):
+        return {"hit": hit / users, "pos_among_hits": pos, "distinct": 20, "entropy": 4.0, "users": users}
+    seeds = [{"best-of-1": res(14, 100), "best-of-2": res(14, 100)},
+             {"best-of-1": res(9, 60), "best-of-2": res(9, 60)}]
+    assert ev.pooled(seeds)["best-of-2"]["hit"] == 23 / 160
+    assert ev.target_met(ev.pooled(seeds), [1, 2])["met"] is False
+    seeds[1]["best-of-2"] = res(10, 60)
+    assert ev.target_met(ev.pooled(seeds), [1, 2]) == {"met": True, "n": [2]}

@@ -274,6 +274,13 @@ def iter_batches(ds: ProcessedDataset, examples: Examples, batch_size: int, shuf
 
 
 # ---------------------------------------------------------------------------------------- pretraining
+def _train_windows_per_user(events: np.ndarray, stride: int) -> np.ndarray:
+    """int64 [users]: the "train" windows of :class:`PretrainWindows` per user of ``events`` events (its
+    train part is all but the val and test events; a window needs 2 of them, one every ``stride`` rows)."""
+    m = events - 2
+    return np.where(m >= 2, (m - 2) // stride + 1, 0)
+
+
 class PretrainWindows:
     """Windows of up to ``window + 1`` consecutive events for autoregressive next-event pretraining.
 
@@ -297,7 +304,7 @@ class PretrainWindows:
         users = np.arange(len(n), dtype=np.int64)
         if split == "train":
             m = n - 2                                        # train part: rows o .. o + m - 1
-            count = np.where(m >= 2, (m - 2) // stride + 1, 0)
+            count = _train_windows_per_user(n, stride)
             user = np.repeat(users, count)
             first_of_user = np.repeat(np.cumsum(count) - count, count)
             back = count[user] - 1 - (np.arange(len(user)) - first_of_user)
@@ -311,6 +318,14 @@ class PretrainWindows:
 
     def __len__(self) -> int:
         return len(self.end)
+
+    @staticmethod
+    def count(ds: ProcessedDataset, stride: int) -> int:
+        """How many "train" windows ``stride`` gives (any window size), without building them: e.g. the
+        stride-1 count (one window per train target, the paper's) beside a run's own."""
+        if stride < 1:
+            raise UserError(f"stride must be >= 1, got {stride}")
+        return int(_train_windows_per_user(np.diff(ds.offsets), stride).sum())
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> "PretrainWindows":
         """The windows ``idx`` (in that order), e.g. a fixed random sample for ``--max-train-examples``."""

@@ -200,6 +200,16 @@ class AutoregressiveEncoder(nn.Module):
         """
         return self.feature_logits(self.last_hidden(features, lengths), feature).float()
 
+    @torch.no_grad()
+    def next_item_query(self, features: Sequence[torch.Tensor], lengths: torch.Tensor, feature: str = "item"
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The factors of :meth:`score_next`: (query [B, D], table [V, D], bias [V]), all of the query's dtype,
+        with ``score_next(features, lengths, feature) == torch.addmm(bias, query, table.t()).float()``.
+
+        For a scorer that never materialises the [B, V] scores (:func:`userllm.ranking.rank_tiled`)."""
+        query = self.head_proj[feature](self.last_hidden(features, lengths))
+        return query, self.head_weight(feature).to(query.dtype), self.head_bias[feature].to(query.dtype)
+
     def last_hidden(self, features: Sequence[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         """float [B, d_model]: the output at each row's last real event (position 0 when ``lengths == 0``),
         equal bit for bit to ``forward(...).embeddings[b, lengths[b] - 1]`` without computing

@@ -14,6 +14,9 @@ And per seed, ``cluster_bias_share``: the part of the aligned scores that does n
 Fitting ``score[u, c] = a[u] + b[c]`` (a user offset plus one number per cluster), it is the share
 of the scores' variance within users that ``b`` explains. 1.0 means the selector ranks the clusters the
 same for every user; best-of-n then converges, as n grows, to the same few clusters for everyone.
+And ``score_range``: the median over users of the spread (max - min) of the aligned scores over the
+user's new clusters, in logits: how strongly the selector separates the candidates at all (0.01 says
+its choice is close to arbitrary).
 """
 
 from __future__ import annotations
@@ -24,50 +27,27 @@ from typing import Sequence
 
 import numpy as np
 
+from .selection import additive_fit
+
 PICKS_FILE = "picks.jsonl"
-#: Alternating-means passes of the additive fit: on the synthetic CI run the share is stable to 1e-10
-#: from 20 passes (10: 1e-8), so 100 leaves a wide margin at a cost of milliseconds.
-FIT_ITERATIONS = 100
 
 
 def read_picks(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def cluster_bias_share(scores: Sequence[dict], iterations: int = FIT_ITERATIONS) -> float:
+def cluster_bias_share(scores: Sequence[dict]) -> float:
     """Share (0..1) of the aligned scores' variance within users that one number per cluster explains.
 
-    scores: per user, {cluster id: aligned score} over its new clusters (users with one cluster add nothing).
-    The additive model ``score[u, c] = a[u] + b[c]`` is fitted by least squares (alternating the two
-    sets of means, which converges for this two-way layout); the result is
-    ``1 - SSE(a + b) / SSE(a)``, where ``SSE(a)`` is what is left after each user's own mean.
+    scores: per user, {cluster id: aligned score} over its new clusters (users with one cluster add nothing):
+    the ``share`` of the additive fit ``score[u, c] = a[u] + b[c]`` (:func:`.selection.additive_fit`).
     """
-    users, clusters, values = [], [], []
-    for u, s in enumerate(scores):
-        if len(s) < 2:
-            continue
-        users.extend([u] * len(s))
-        clusters.extend(int(c) for c in s)
-        values.extend(float(v) for v in s.values())
-    if not values:
-        return 0.0
-    _, u = np.unique(np.asarray(users), return_inverse=True)
-    c, v = np.asarray(clusters), np.asarray(values)
-    n_u, n_c = np.bincount(u), np.maximum(np.bincount(c), 1)
-    a = np.bincount(u, weights=v) / n_u
-    within = float(((v - a[u]) ** 2).sum())
-    if within == 0.0:
-        return 0.0
-    b = np.zeros(len(n_c))
-    for _ in range(iterations):
-        b = np.bincount(c, weights=v - a[u], minlength=len(n_c)) / n_c
-        a = np.bincount(u, weights=v - b[c]) / n_u
-    return float(1.0 - ((v - a[u] - b[c]) ** 2).sum() / within)
+    return additive_fit(scores)[1]
 
 
 def concentration(records: Sequence[dict]) -> dict:
-    """{"cluster_bias_share": float, "methods": {method: {"popular_share", "aligned_top_share",
-    "candidates"}}} of one seed's pick records (``picks.jsonl`` lines)."""
+    """{"cluster_bias_share": float, "score_range": float, "methods": {method: {"popular_share",
+    "aligned_top_share", "candidates"}}} of one seed's pick records (``picks.jsonl`` lines)."""
     methods = {}
     for m in records[0]["picks"]:
         picks = np.array([r["picks"][m] for r in records])
@@ -79,7 +59,8 @@ def concentration(records: Sequence[dict]) -> dict:
             row["candidates"] = float(np.mean([len(set(r["samples"][n])) for r in records]))
         methods[m] = row
     bias = cluster_bias_share([{int(c): s for c, s in r["aligned_all"].items()} for r in records])
-    return {"cluster_bias_share": bias, "methods": methods}
+    spread = float(np.median([np.ptp(list(r["aligned_all"].values())) for r in records]))
+    return {"cluster_bias_share": bias, "score_range": spread, "methods": methods}
 
 
 def aggregate_concentration(per_seed: Sequence[dict]) -> dict:
@@ -89,7 +70,7 @@ def aggregate_concentration(per_seed: Sequence[dict]) -> dict:
         return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                 "values": list(vals)}
 
-    out = {"cluster_bias_share": stats([s["cluster_bias_share"] for s in per_seed]), "methods": {}}
+    out = {k: stats([s[k] for s in per_seed]) for k in ("cluster_bias_share", "score_range")} | {"methods": {}}
     for m, row in per_seed[0]["methods"].items():
         out["methods"][m] = {k: stats([s["methods"][m][k] for s in per_seed]) for k in row}
     return out
@@ -108,5 +89,7 @@ def format_concentration(agg: dict, title: str) -> str:
             continue                                   # 1.0 by definition
         cand = cell(row["candidates"], 1) if "candidates" in row else "-"
         lines.append(f"| {m} | {cell(row['popular_share'], 3)} | {cell(row['aligned_top_share'], 3)} | {cand} |")
-    lines += ["", f"User-independent share of the aligned scores' variance: {cell(agg['cluster_bias_share'], 3)}"]
+    lines += ["", f"User-independent share of the aligned scores' variance: {cell(agg['cluster_bias_share'], 3)}",
+              f"Median spread of a user's aligned scores over its new clusters (logits): "
+              f"{cell(agg['score_range'], 3)}"]
     return "\n".join(lines)

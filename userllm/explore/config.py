@@ -14,6 +14,7 @@ from typing import ClassVar
 from ..config import DataOptions, TrainConfig, opt, shared
 from ..errors import UserError
 from .clusters import FEEDBACK_RULES
+from .selection import SELECTIONS
 
 @dataclass
 class ExploreConfig(DataOptions):
@@ -68,6 +69,11 @@ class ExploreConfig(DataOptions):
     n_values: str = opt("1,2,4,8,16,32", "best-of-n sample counts, comma separated")
     temperature: float = opt(1.0, "novelty LLM sampling temperature (> 0)", min=1e-6)
     top_p: float = opt(1.0, "novelty LLM nucleus sampling mass", min=1e-6, max=1.0)
+    selection: str = opt("top", "how best-of-n picks among its samples: the top aligned score (the paper's), "
+                         "the top lift of the score over its per-cluster prior, or a draw from "
+                         "softmax(score / --selection-temperature) (userllm/explore/selection.py)",
+                         choices=SELECTIONS)
+    selection_temperature: float = opt(1.0, "temperature of --selection softmax (> 0)", min=1e-6)
     eval_batch_size: int = opt(32, "users per evaluation batch", min=1)
     # run
     seed: int = opt(0, "random seed (the first one with --seeds)")

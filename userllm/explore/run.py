@@ -9,12 +9,15 @@ last novel transition (:mod:`.evaluate`).
 
 Run directory (``--out``): ``config.json``, ``metrics.json`` (every method's metrics per seed, their mean /
 std, the target check, the selector's concentration (:mod:`.concentration`), clusters, training losses),
-``table.md``, ``curve.png``, and per seed
-``pretrain/encoder.safetensors`` (when pretrained here), and per seed ``seed_<s>/result.json`` (its
+``table.md``, ``curve.png``, and per seed ``seed_<s>/result.json`` (its
 metrics: rerunning the same command with the same ``--out`` reuses the seeds already finished),
 ``seed_<s>/picks.jsonl`` (one line per held-out user: its window's clusters, the actual novel cluster and
-item, the feedback, every method's pick, the best-of-n samples and the aligned scores of all new clusters)
-and ``seed_<s>/clusters.json`` (labels and sizes).
+item, the feedback, every method's pick, the best-of-n samples and the aligned scores of their distinct
+clusters, the aligned scores of all new clusters and the actual item's rank inside its cluster: what
+:mod:`.rescore` needs) and ``seed_<s>/clusters.json`` (labels, sizes, the training users' novel targets).
+The encoder pretrained here is cached beside the data (``explore-encoder-<key>.safetensors``, keyed by its
+recipe, the data and the held-out users), as the default LLM's pretraining is (``llm-<key>/``): a rerun,
+interrupted or not, pretrains neither again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..factory import ENCODER_FILE, build_llm, build_model, check_encoder_fits, load_data
+from ..factory import build_llm, build_model, cache_root, check_encoder_fits, load_data
 from ..loop import pick_device, seed_everything
 from ..runs import write_metrics, write_run_config
 from ..utils.atomic import write_json, write_text
@@ -43,23 +46,67 @@ from .models import AlignedLLM, NoveltyLLM, Prompts, contexts_at
 RESULT_FILE = "result.json"
 
 
-def pretrain_on_train_users(cfg: ExploreConfig, ds, test_users: np.ndarray, seed: int, device, out: Path, log):
-    """A fresh encoder pretrained (userllm.pretrain's recipe) on the training users' train-part windows."""
+#: What the brief encoder pretraining does not depend on: where it writes, how many threads / workers run it.
+_NOT_IN_ENCODER_KEY = ("out", "cache_dir", "workers", "threads", "resume", "checkpoint")
+
+
+def encoder_signature(pcfg, ds, test_users: np.ndarray) -> dict:
+    """Everything the pretrained encoder depends on: the pretraining recipe (``pcfg``, a PretrainConfig, less
+    :data:`_NOT_IN_ENCODER_KEY`), the data (its processed-cache entry, content-keyed, and its sizes) and the
+    held-out users (bool [U], whose events it must never see)."""
+    import hashlib
+
+    recipe = {k: v for k, v in pcfg.to_dict().items() if k not in _NOT_IN_ENCODER_KEY}
+    data = {"entry": Path(ds.cache_path).name if ds.cache_path else None, "users": ds.num_users,
+            "items": ds.num_items, "events": ds.num_events}
+    held_out = hashlib.sha256(np.packbits(np.asarray(test_users, dtype=bool)).tobytes()).hexdigest()[:16]
+    return {"recipe": recipe, "data": data, "held_out_users": held_out}
+
+
+def encoder_cache_path(cache_dir: Path, signature: dict) -> Path:
+    """``<data cache>/explore-encoder-<key>.safetensors``: the key hashes :func:`encoder_signature`."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"explore-encoder-{key}.safetensors"
+
+
+def _cached_signature(path: Path) -> dict | None:
+    from ..encoders import read_encoder_metadata
+
+    try:
+        return read_encoder_metadata(path).get("extra", {}).get("explore_signature")
+    except UserError:                        # missing or damaged: pretrain again and overwrite it
+        return None
+
+
+def pretrain_on_train_users(cfg: ExploreConfig, ds, test_users: np.ndarray, seed: int, device, cache_dir: Path,
+                            log):
+    """A fresh encoder pretrained (userllm.pretrain's recipe) on the training users' train-part windows,
+    or the one a previous run pretrained with the same :func:`encoder_signature` (cached beside the data,
+    written atomically: an interrupted or repeated run, or another run on the same data and split, reuses
+    it instead of pretraining again, ~16 min on ml-latest-small under load)."""
     from ..data.examples import PretrainWindows
-    from ..encoders import save_encoder
+    from ..encoders import load_encoder, save_encoder
     from ..encoders.pretraining import pretrain_encoder
 
     # The brief pretraining of userllm.train (its recipe at these data, encoder, width, depth and seed),
     # over --pretrain-window events.
-    pcfg = dataclasses.replace(cfg.train_config(seed).pretrain_config(out), window=cfg.pretrain_window)
+    pcfg = dataclasses.replace(cfg.train_config(seed).pretrain_config(None), window=cfg.pretrain_window)
+    signature = encoder_signature(pcfg, ds, test_users)
+    path = encoder_cache_path(cache_dir, signature)
+    if _cached_signature(path) == signature:
+        log(f"encoder: pretrained weights from {path} (same recipe, data and held-out users)")
+        return load_encoder(path, device), {"cache": str(path), "cached": True}
     windows = PretrainWindows(ds, pcfg.window, "train", stride=pcfg.effective_stride)
     keep = ~test_users[windows.user]
     windows.user, windows.start, windows.end = windows.user[keep], windows.start[keep], windows.end[keep]
     encoder, stats = pretrain_encoder(ds, pcfg, device, windows=windows, desc="pretrain encoder")
-    save_encoder(encoder.cpu(), out / ENCODER_FILE)
+    save_encoder(encoder.cpu(), path, extra={"explore_signature": signature})
     log(f"encoder: pretrained on {int((~test_users).sum())} training users for {stats['steps']} steps, "
-        f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f} ({stats['train_seconds']:.0f}s)")
-    return encoder.to(device).eval(), stats
+        f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f} ({stats['train_seconds']:.0f}s), "
+        f"cached in {path}")
+    return encoder.to(device).eval(), {**stats, "cache": str(path), "cached": False}
 
 
 def load_encoder_checkpoint(cfg: ExploreConfig, ds, device):
@@ -99,7 +146,7 @@ def prepare(cfg: ExploreConfig, out: Path, log=print) -> Shared:
     if cfg.encoder_checkpoint is not None:
         encoder, info = load_encoder_checkpoint(cfg, ds, device), {"checkpoint": cfg.encoder_checkpoint}
     else:
-        encoder, info = pretrain_on_train_users(cfg, ds, test_users, cfg.seed, device, out / "pretrain", log)
+        encoder, info = pretrain_on_train_users(cfg, ds, test_users, cfg.seed, device, cache_root(tcfg, ds), log)
     llm, tok = build_llm(tcfg, ds, log)
     return Shared(ds, test_users, encoder, info, llm, tok, device)
 
@@ -128,7 +175,9 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
     log(f"clusters: {clusters.k} (sizes {clusters.sizes.min()}-{clusters.sizes.max()} items); novel transitions: "
         f"{len(train_tr)} of training users ({train_tr.positive.mean():.2f} positive), "
         f"{len(test_tr)} held-out users evaluated ({test_tr.positive.mean():.2f} positive)")
-    write_json(out / "clusters.json", {"labels": clusters.labels, "sizes": clusters.sizes.tolist()})
+    popular = np.bincount(train_tr.cluster, minlength=clusters.k)       # the training users' novel targets
+    write_json(out / "clusters.json", {"labels": clusters.labels, "sizes": clusters.sizes.tolist(),
+                                       "train_targets": popular.tolist()})
 
     # Copies: a UserLLM hooks its cross-attention into its LLM's layers and trains the LLM and encoder.
     prompts = Prompts(clusters.labels, shared.tok, cfg.prompt_clusters)
@@ -143,10 +192,9 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
     aligned_info = aligned.fit(train_ctx, train_tr.positive, train_tr.cluster, train_allowed, cfg, seed, log)
 
     test_ctx = contexts_at(ds, ec, test_tr.row, cfg.window)
-    popular = np.bincount(train_tr.cluster, minlength=clusters.k)
     results, records = ev.evaluate(ds, clusters, test_ctx, test_tr.cluster, test_tr.positive, popular, novelty,
                                    aligned, encoder, cfg.n_list, cfg.temperature, cfg.top_p, cfg.eval_batch_size,
-                                   seed, device)
+                                   seed, device, cfg.selection, cfg.selection_temperature)
     lines = []
     for i, rec in enumerate(records):
         row = int(test_tr.row[i])
@@ -157,7 +205,9 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
             "target_item": ds.item_titles([ds.features["item"][row]])[0], "positive": bool(test_tr.positive[i]),
             "picks": rec["picks"], "pick_labels": {m: clusters.labels[c] for m, c in rec["picks"].items()},
             "samples": {str(n): s for n, s in rec["samples"].items()},
-            "aligned_all": {str(c): s for c, s in rec["aligned_all"].items()}}))
+            "sample_scores": {str(n): s for n, s in rec["sample_scores"].items()},
+            "aligned_all": {str(c): s for c, s in rec["aligned_all"].items()},
+            ev.TARGET_RANK: rec[ev.TARGET_RANK]}))
     write_text(out / PICKS_FILE, "\n".join(lines) + "\n")
     return {"seed": seed, "results": results, "target": ev.target_met(results, cfg.n_list),
             "data": {"users": ds.num_users, "items": ds.num_items - 1, "events": ds.num_events,
@@ -177,7 +227,8 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else Path("runs") / f"explore-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     current = cfg.to_dict() | {"out": str(out)}
     if (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+        # An option added since that run was made has its default there (the default keeps the old behaviour).
+        saved = ExploreConfig().to_dict() | json.loads((out / "config.json").read_text())
         if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in current.items() if k != "seeds"}:
             raise UserError(f"--out {out}: already holds a run with other options; choose another directory")
     write_run_config(out, current)
@@ -195,7 +246,6 @@ def run(cfg: ExploreConfig, log=print) -> dict:
         per_seed.append(run_seed(cfg, s, shared, out / f"seed_{s}", log))
         write_json(out / f"seed_{s}" / RESULT_FILE, per_seed[-1])
     agg = ev.aggregate([r["results"] for r in per_seed])
-    mean_results = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
     what = f"{cfg.dataset}, K={cfg.clusters}, window {cfg.window}, {per_seed[0]['data']['test_users']} held-out users"
     title = f"{what}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
     table = ev.format_table(agg, title)
@@ -204,7 +254,7 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     conc = aggregate_concentration([concentration(read_picks(out / f"seed_{s}" / PICKS_FILE)) for s in seeds])
     conc_table = format_concentration(conc, f"Selector concentration: {title}")
     metrics = {"seeds": seeds, "n_values": cfg.n_list, "encoder": per_seed[0].get("encoder"), "mean": agg,
-               "target": ev.target_met(mean_results, cfg.n_list),
+               "target": ev.target_met(ev.pooled([r["results"] for r in per_seed]), cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "concentration": conc,
                "per_seed": per_seed}
     write_metrics(out, metrics)

@@ -26,11 +26,11 @@ from userllm.utils.hf import cache_kwargs, cached_tokens, is_empty, step_mask
 from .cross_attention import CrossAttentionHook, GatedCrossAttentionBlock, attach_cross_attention
 from .layers import (UserContext, UserProjection, find_decoder_layers, lengths_from_mask, llm_hidden_size,
                      llm_num_heads)
+from .names import INTEGRATIONS
 from .perceiver import PerceiverResampler
 from .readout import NextItemReadout, append_tokens
 from .soft_prompt import SoftPrompt, position_ids_from_mask, prepend
 
-INTEGRATIONS = ("xattn", "softprompt")
 
 
 @dataclass

@@ -26,8 +26,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .layers import find_decoder_layers
+from .names import STRATEGIES
 
-STRATEGIES = ("full", "lora", "enc", "proj")
 INTEGRATION_GROUPS = ("projection", "perceiver", "xattn", "soft_prompt", "readout")
 # Encoder submodules used only by the pretraining loss (AutoregressiveEncoder / DualEncoder).
 PRETRAINING_ONLY = ("head_proj", "head_bias", "label_mlp")

@@ -17,8 +17,11 @@ page, the kernel zeroing each page. Two loops want opposite settings:
   by default glibc raises its threshold to the size of any mmap'ed block freed (up to 32 MiB), after
   which such blocks come from the heap and fragment it: the full-ranking evaluation of MovieLens-20M (540
   batches of [256, 26739] scores) grew by ~12 MB of RSS per batch, to a 5.7 GB peak, and stayed flat at
-  1.47 GB with the threshold pinned at 64 KiB (benchmarks/scale_probe.py). There a page fault per page
-  of a batch's scores is cheap next to the encoder's forward.
+  1.47 GB with the threshold pinned at 64 KiB (benchmarks/scale_probe.py). The price is a page fault per
+  page of every block from 64 KiB up, the encoder's activations too: once the CPU ranking scored in tiles
+  (no [B, I] tensor left to fragment the heap, ``userllm.ranking.rank_tiled``), the pinned threshold made
+  it 6.3-6.6 CPU s for 10,240 users against 4.1-5.5 with glibc's own settings or "reuse", so that path
+  no longer sets it (``benchmarks/ranking_check.py parts --malloc``, benchmarks/RESULTS.md).
 
 Both are process-wide (forked DataLoader workers inherit them) and no-ops without glibc (musl, macOS).
 """
