@@ -45,12 +45,18 @@ from userllm.encoders import build_encoder  # noqa: E402
 from userllm.ranking import SCORE_TILE, history_pairs, next_item_ranks, rank_in_place, rank_tiled  # noqa: E402
 
 
-def check_ranks(args) -> dict:
+def release_setup(args):
+    """(dataset, PretrainConfig, test NextItemEval, the untrained default AR encoder seeded 0 in eval mode)
+    of the release at ``args.release``: what every check here ranks (the cost does not depend on the weights)."""
     ds = load_dataset("movielens", args.release, cache_dir=args.cache_dir)
     cfg = PretrainConfig(dataset="movielens", data_path=args.release)
     ev = next_item_eval(ds, cfg.window, "test")
     torch.manual_seed(0)
-    enc = build_encoder(cfg.encoder, cfg.encoder_spec(ds)).eval()
+    return ds, cfg, ev, build_encoder(cfg.encoder, cfg.encoder_spec(ds)).eval()
+
+
+def check_ranks(args) -> dict:
+    ds, cfg, ev, enc = release_setup(args)
     idx = np.random.default_rng(0).choice(len(ev), min(args.users, len(ev)), replace=False)
     idx = idx[ev.examples.labels[idx] > 0]
 
@@ -99,11 +105,7 @@ def parts(args) -> dict:
     from userllm.encoders.pretraining import train_item_counts
     from userllm.ranking import PopularityRanks
 
-    ds = load_dataset("movielens", args.release, cache_dir=args.cache_dir)
-    cfg = PretrainConfig(dataset="movielens", data_path=args.release)
-    ev = next_item_eval(ds, cfg.window, "test")
-    torch.manual_seed(0)
-    enc = build_encoder(cfg.encoder, cfg.encoder_spec(ds)).eval()
+    ds, _, ev, enc = release_setup(args)
     pop = PopularityRanks(train_item_counts(ds))
     n = min(args.users, len(ev))
     lengths = ev.examples.target[:n] - ev.examples.start[:n]
@@ -181,11 +183,7 @@ def bench_count(rounds: int = 20) -> dict:
 def batch_sizes(args) -> dict:
     """CPU s of ranking the first N test users (sorted by history length, ``next_item_query`` +
     ``rank_tiled``, seen items filtered) at each batch size, one chunk of users at every size in turn."""
-    ds = load_dataset("movielens", args.release, cache_dir=args.cache_dir)
-    cfg = PretrainConfig(dataset="movielens", data_path=args.release)
-    ev = next_item_eval(ds, cfg.window, "test")
-    torch.manual_seed(0)
-    enc = build_encoder(cfg.encoder, cfg.encoder_spec(ds)).eval()
+    ds, _, ev, enc = release_setup(args)
     n, sizes = min(args.users, len(ev)), [int(x) for x in args.sizes.split(",")]
     order = np.argsort(ev.examples.target[:n] - ev.examples.start[:n], kind="stable")
     spent = dict.fromkeys(sizes, 0.0)

@@ -87,11 +87,19 @@ def rank_in_place(scores: torch.Tensor, labels: torch.Tensor, seen: tuple[torch.
     scores[rows, labels] = float("nan")
     if scores.shape[1] >= MAX_EXACT_FLOAT_COUNT:
         return (scores >= target[:, None]).sum(dim=1, dtype=torch.int64)
-    # In place, no [B, I] bool: s - t >= 0 exactly when s >= t (the difference of two distinct floats is
-    # never rounded to 0, and NaN stays false), and a float32 sum of 0/1 values is exact below 2**24.
-    # Measured (benchmarks/ranking_check.py count, 1 thread, 256 x 26,739): 10.7 ms against 50 ms for the
-    # bool sum, which accumulates in int64 (15.6 ms with an int32 accumulator).
-    return scores.sub_(target[:, None]).ge_(0).sum(dim=1).to(torch.int64)
+    return count_at_least_(scores, target).to(torch.int64)
+
+
+def count_at_least_(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """float32 [B]: how many entries of each row of ``scores`` (float32 [B, N], N < 2**24; **overwritten**)
+    are >= that row's ``target`` (float32 [B]); NaN entries never count.
+
+    In place, no [B, N] bool: s - t >= 0 exactly when s >= t (the difference of two distinct floats is
+    never rounded to 0, and NaN stays false), and a float32 sum of 0/1 values is exact below 2**24.
+    Measured (benchmarks/ranking_check.py count, 1 thread, 256 x 26,739): 10.7 ms against 50 ms for the
+    bool sum, which accumulates in int64 (15.6 ms with an int32 accumulator).
+    """
+    return scores.sub_(target[:, None]).ge_(0).sum(dim=1)
 
 
 def rank_tiled(query: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
@@ -131,9 +139,7 @@ def rank_tiled(query: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, lab
         got[here] = s[here, labels[here] - a]
         lo, hi = bounds[j], bounds[j + 1]
         s[ex_row[lo:hi], ex_item[lo:hi] - a] = float("nan")
-        # In place as in rank_in_place: s - t >= 0 exactly when s >= t, NaN never counts, and the float
-        # sum of 0/1 is exact (count < I < 2**24).
-        count += s.sub_(target[:, None]).ge_(0).sum(dim=1)
+        count += count_at_least_(s, target)          # exact: count < I < 2**24
     if not torch.equal(got, target):
         return rank_in_place(torch.addmm(bias, query, table.t()), labels, seen)
     return count.to(torch.int64)
