@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:       # run as a script from a plain checkout
 
 from userllm.cli import ArgumentParser, run_cli  # noqa: E402
 from userllm.errors import UserError  # noqa: E402
+from userllm.utils.atomic import atomic_path, write_text  # noqa: E402
 
 # --- what is run --------------------------------------------------------------------------------------
 
@@ -343,13 +344,13 @@ def run_once(module: str, argv: list[str], run: Path, opts: Options, log=print) 
     if opts.dry_run:
         return {"argv": argv, "rc": None, "wall_s": None, "cpu_s": None, "reused": False}
     run.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"argv": argv, "rc": None}, indent=1))
+    write_text(record_path, json.dumps({"argv": argv, "rc": None}, indent=1))
     rc, wall, cpu = _launch(module, full, run.with_suffix(".log"), opts)
     if rc == 0 and not (run / RUN_FILE).is_file():
         rc = -1                                  # the stage claimed success without its results
     record = {"argv": argv, "rc": rc, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    record_path.write_text(json.dumps(record, indent=1))
+    write_text(record_path, json.dumps(record, indent=1))
     log(f"    exit {rc}, {wall:.0f} s wall, {cpu:.0f} CPU s" + ("" if rc == 0 else f"; see {run.with_suffix('.log')}"))
     return {**record, "reused": False}
 
@@ -520,16 +521,9 @@ def plot(table: dict, path: Path) -> None:
         ax.set_title(f"{task}: {HEADLINE[task]}")
     fig.suptitle(table["title"], fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- the command --------------------------------------------------------------------------------------
@@ -645,8 +639,8 @@ def run(opts: Options, log=print) -> dict:
              "command": "python benchmarks/paper_table.py " + shlex.join(sys.argv[1:]) if sys.argv else "",
              "runner_wall_s": round(time.monotonic() - started, 1)}
     opts.out.mkdir(parents=True, exist_ok=True)
-    _write(opts.out / "table.json", json.dumps(table, indent=1))
-    _write(opts.out / "table.md", format_table(table))
+    write_text(opts.out / "table.json", json.dumps(table, indent=1))
+    write_text(opts.out / "table.md", format_table(table))
     plot(table, opts.out / "table.png")
     log("")
     log(format_table(table))

@@ -171,6 +171,11 @@ def target_met(results: dict[str, dict], n_list: Sequence[int], max_n: int = 16,
     return {"met": bool(good), "n": good}
 
 
+def describe_target(target: dict) -> str:
+    """The one-line verdict of :func:`target_met`'s result, as the run and the re-scoring print it."""
+    return f"met at n = {', '.join(map(str, target['n']))}" if target["met"] else "not met"
+
+
 def pooled(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     """{method: {"hit", "pos_among_hits", "distinct", "entropy", "users"}} over seeds for :func:`target_met`.
 

@@ -147,16 +147,15 @@ def rescore(cfg: RescoreConfig, log=print) -> dict:
                                                    [p[ev.best_of_n_name(1)] for p in picks])
                  for n in n_list if n > 1}
         agg = ev.aggregate(results)
-        mean = {m: {k: v["mean"] for k, v in r.items()} for m, r in agg.items()}
         what = f"--selection {rule}" + (f" (T = {cfg.selection_temperature:g})" if rule == "softmax" else "")
         title = f"{what}: {run}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (mean ± std)"
         target = ev.target_met(ev.pooled(results), n_list)
         doc["rules"][rule] = {"mean": agg, "target": target, "gain_over_n1": gains,
                               "per_seed": dict(zip(map(str, seeds), results))}
-        tables.append(ev.format_table(agg, title) + "\n\ntarget: "
-                      + (f"met at n = {', '.join(map(str, target['n']))}" if target["met"] else "not met")
-                      + "\n\n" + format_gains(gains, f"Paired gains over best-of-1, {what}: every (seed, user) "
-                                                      f"pair pooled, bootstrap 95% intervals"))
+        gains_title = (f"Paired gains over best-of-1, {what}: every (seed, user) pair pooled, "
+                       "bootstrap 95% intervals")
+        tables.append(f"{ev.format_table(agg, title)}\n\ntarget: {ev.describe_target(target)}\n\n"
+                      + format_gains(gains, gains_title))
     doc["selection_temperature"] = cfg.selection_temperature
     write_json(run / "rescore.json", doc)
     text = "\n\n".join(tables) + "\n\nCost columns: the run's best-of-n cost (every rule picks among the same " \

@@ -263,8 +263,7 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     log(table)
     log("")
     log(conc_table)
-    t = metrics["target"]
     log(f"target (best-of-n beats n=1 on hit or positive rate at some n <= 16, diversity within 10%): "
-        f"{'met at n = ' + ', '.join(map(str, t['n'])) if t['met'] else 'not met'}")
+        f"{ev.describe_target(metrics['target'])}")
     log(f"wrote {out}/metrics.json, table.md, curve.png, seed_*/picks.jsonl")
     return metrics
