@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import DataOptions, TrainConfig, opt, shared
+from ..config import STRATEGIES, DataOptions, TrainConfig, opt, shared
 from ..errors import UserError
 from .clusters import FEEDBACK_RULES
 from .selection import SELECTIONS
+
+ALIGNED_HEADS = ("answer", "user")
 
 @dataclass
 class ExploreConfig(DataOptions):
@@ -61,6 +63,16 @@ class ExploreConfig(DataOptions):
     negative_sampling: str = opt("popularity", "how the aligned LLM's 'no' clusters are drawn: in proportion "
                                  "to their popularity as novel targets, or uniformly",
                                  choices=("popularity", "uniform"))
+    aligned_lr: float = opt(0.0, "aligned LLM peak learning rate (0 = --lr)", min=0.0)
+    aligned_strategy: str = opt("", "aligned LLM trainable parts, as --strategy (empty = --strategy)",
+                                choices=("",) + STRATEGIES)
+    aligned_head: str = opt("answer", "aligned LLM score: answer = logit(yes) - logit(no) (the paper's), user = "
+                            "that plus a small head on the user embedding (userllm/explore/models.py UserHead)",
+                            choices=ALIGNED_HEADS)
+    aligned_balance: bool = opt(False, "aligned LLM: weight yes and no so that each carries half the loss")
+    aligned_eval_contexts: int = opt(256, "held-out contexts (of held-out users' novel transitions, with "
+                                     "max(1, --aligned-negatives) negatives each) on which the aligned LLM's "
+                                     "AUC is measured after training", min=1)
     batch_size: int = opt(16, "training batch size", min=1)
     lr: float = shared("lr")
     warmup: int = shared("warmup")
@@ -101,6 +113,13 @@ class ExploreConfig(DataOptions):
         if not ns or ns[0] < 1:
             raise UserError(f"--n-values: expected integers >= 1, got {self.n_values!r}")
         return ns
+
+    def aligned_train_config(self, seed: int) -> TrainConfig:
+        """:meth:`train_config` with ``--aligned-strategy`` (when given) as the strategy."""
+        import dataclasses
+
+        tcfg = self.train_config(seed)
+        return dataclasses.replace(tcfg, strategy=self.aligned_strategy) if self.aligned_strategy else tcfg
 
     def train_config(self, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of the shared options, for :mod:`userllm.factory`'s builders

@@ -33,8 +33,9 @@ from ..data.examples import gather_windows
 from ..data.loader import EpochBatchSampler
 from ..decoding import UserLLMStepper, left_pad
 from ..text_prompt import target_text
-from ..loop import cosine_with_warmup, optimizer_step, progress
+from ..loop import cosine_with_warmup, optimizer_step, train_loop
 from .clusters import recent_clusters
+from .pairs import draw_pairs, negative_weight, pair_metrics
 from .sampling import constrained_sample, user_trie
 
 IGNORE = -100
@@ -141,29 +142,41 @@ def batches(n: int, steps: int, batch_size: int, seed: int) -> EpochBatchSampler
     return EpochBatchSampler(n, batch_size, seed=seed, drop_last=True, steps=steps)
 
 
-def train_loop(model, loss_of_batch: Callable[[int, np.ndarray], torch.Tensor], sampler: EpochBatchSampler,
-               cfg, desc: str, log: Callable[[str], None]) -> dict:
-    """AdamW (warmup + cosine to 0.1 lr) on ``model``'s trainable parameters, one step per index array of
-    ``sampler`` (``loss_of_batch(step, idx)``); returns losses and time."""
+def fit_steps(params: Sequence[torch.nn.Parameter], modules: Sequence[torch.nn.Module],
+              loss_of_batch: Callable[[int, np.ndarray], torch.Tensor], sampler: EpochBatchSampler, lr: float,
+              cfg, desc: str, log: Callable[[str], None]) -> dict:
+    """AdamW (warmup + cosine to 0.1 ``lr``) on ``params``, one step per index array of ``sampler``
+    (``loss_of_batch(step, idx)``) through the project's :func:`userllm.loop.train_loop` (progress bar,
+    stop on a non-finite loss); ``modules`` are in train mode meanwhile. Returns losses and time."""
     steps = len(sampler)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.95))
     scheduler = cosine_with_warmup(optimizer, min(cfg.warmup, steps - 1), steps, 0.1)
-    model.train()
-    losses, t0 = [], time.time()
-    bar = progress(total=steps, desc=desc)
-    for step, idx in enumerate(sampler):
-        loss = loss_of_batch(step, idx)
+    batches_ = iter(sampler)
+    losses: list[float] = []
+
+    def step_fn(step: int):
+        loss = loss_of_batch(step, next(batches_))
         optimizer_step(loss, optimizer, scheduler, params, cfg.grad_clip)
         losses.append(loss.item())
-        bar.update(1)
-    bar.close()
-    model.eval()
+        return loss, {}
+
+    for m in modules:
+        m.train()
+    try:
+        result = train_loop(step_fn, start_step=0, total_steps=steps, log_every=max(1, steps // 10),
+                            checkpoint_every=steps, desc=desc)
+    finally:
+        for m in modules:
+            m.eval()
     k = max(1, steps // 10)
-    info = {"steps": steps, "first_loss": float(np.mean(losses[:k])), "final_loss": float(np.mean(losses[-k:])),
-            "seconds": round(time.time() - t0, 1)}
+    info = {"steps": steps, "lr": lr, "first_loss": float(np.mean(losses[:k])),
+            "final_loss": float(np.mean(losses[-k:])), "seconds": round(result.seconds, 1)}
     log(f"{desc}: {steps} steps, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f} ({info['seconds']:.0f}s)")
     return info
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class NoveltyLLM:
@@ -184,8 +197,8 @@ class NoveltyLLM:
             return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), features=feats,
                               lengths=lengths, labels=labels.to(self.device)).loss
 
-        return train_loop(self.model, loss_of_batch, batches(len(ctx), cfg.novelty_steps, cfg.batch_size, seed), cfg,
-                          "novelty LLM", log)
+        return fit_steps(trainable(self.model), [self.model], loss_of_batch,
+                         batches(len(ctx), cfg.novelty_steps, cfg.batch_size, seed), cfg.lr, cfg, "novelty LLM", log)
 
     @torch.no_grad()
     def sample(self, ctx: Contexts, allowed: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
@@ -204,11 +217,47 @@ class NoveltyLLM:
         return picks, cost
 
 
-class AlignedLLM:
-    """A UserLLM that scores (user, candidate cluster) as the log-odds of answering yes."""
+class UserHead(torch.nn.Module):
+    """``--aligned-head user``: a small head on the user embedding added to the answer's log-odds.
 
-    def __init__(self, model, prompts: Prompts, ds, device):
+    For a pair (user window, candidate cluster c): ``b[c] + a * logp_c + u . E[c]`` where ``u`` float [D] is
+    the aligned UserLLM's encoder state at the window's last event (``last_hidden``), ``logp_c`` the
+    encoder's log-probability that the next item lies in cluster c (its next-item head summed over the
+    cluster's items) and ``b`` [K], ``a`` [1], ``E`` [K, D] start at 0, so the score starts as the LLM's
+    own answer. Why: the logistic-regression probe (:mod:`.probe`) finds that on ml-latest-small the
+    encoder's ``logp_c`` and ``u`` are what separates the pairs (AUC ~0.70 against ~0.54 for the
+    per-cluster prior alone), and the answer tokens alone stayed at the base rate (README)."""
+
+    def __init__(self, item_cluster: np.ndarray, k: int, dim: int):
+        super().__init__()
+        onehot = torch.zeros(len(item_cluster), k)
+        ok = np.flatnonzero(item_cluster >= 0)
+        onehot[ok, item_cluster[ok]] = 1.0
+        self.register_buffer("log_members", torch.log(onehot), persistent=False)       # [V, K]: 0 or -inf
+        self.bias = torch.nn.Parameter(torch.zeros(k))
+        self.logp_weight = torch.nn.Parameter(torch.zeros(1))
+        self.cluster_emb = torch.nn.Parameter(torch.zeros(k, dim))
+
+    def forward(self, encoder, feats, lengths, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """float [P]: the head's score of pairs (``users`` int64 [P] rows of the windows ``feats`` /
+        ``lengths``, ``candidates`` int64 [P])."""
+        u = encoder.last_hidden(feats, lengths).float()                                  # [B, D]
+        lp = torch.log_softmax(encoder.score_next(feats, lengths).float(), -1)            # [B, V]
+        logp = torch.logsumexp(lp[:, :, None] + self.log_members[None], 1)                # [B, K]
+        return (self.bias[candidates] + self.logp_weight * logp[users, candidates]
+                + (u[users] * self.cluster_emb[candidates]).sum(-1))
+
+
+class AlignedLLM:
+    """A UserLLM that scores (user, candidate cluster) as the log-odds of answering yes (plus, with
+    ``head``, a :class:`UserHead` on the user embedding)."""
+
+    def __init__(self, model, prompts: Prompts, ds, device, head: UserHead | None = None):
         self.model, self.prompts, self.ds, self.device = model, prompts, ds, device
+        self.head = None if head is None else head.to(device)
+        if head is not None and not hasattr(model.encoder, "last_hidden"):
+            raise ValueError(f"--aligned-head user needs an encoder with a last hidden state (the ar encoder), "
+                             f"not {type(model.encoder).__name__}")
 
     def _logits(self, ctx: Contexts, pair_ctx: np.ndarray, candidates: Sequence[int]) -> tuple[torch.Tensor, int]:
         """[P, 2] logits (yes, no) of P (context index, candidate) pairs, and the tokens fed."""
@@ -218,39 +267,63 @@ class AlignedLLM:
         users = np.unique(pair_ctx)
         feats, lengths = window_features(self.ds, ctx.take(users), self.device)
         uctx = self.model.prepare_user_context(feats, lengths)
-        uctx = uctx.index_select(torch.from_numpy(np.searchsorted(users, pair_ctx)).to(self.device))
+        which = torch.from_numpy(np.searchsorted(users, pair_ctx)).to(self.device)
+        uctx = uctx.index_select(which)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             user_context=uctx).logits
         last = mask.sum(1).to(self.device) - 1
-        at = logits[torch.arange(len(seqs), device=self.device), last]
-        return at[:, [p.yes_id, p.no_id]].float(), int(mask.sum())
+        at = logits[torch.arange(len(seqs), device=self.device), last][:, [p.yes_id, p.no_id]].float()
+        if self.head is not None:
+            s = self.head(self.model.encoder, feats, lengths, which,
+                          torch.as_tensor(list(candidates), dtype=torch.long, device=self.device))
+            at = at + torch.stack([s / 2, -s / 2], 1)             # log-odds yes - no: the answer's + s
+        return at, int(mask.sum())
 
     def fit(self, ctx: Contexts, positives: np.ndarray, targets: np.ndarray, allowed: Sequence[Sequence[int]],
             cfg, seed: int, log=print) -> dict:
         """Train on each observed transition (yes iff ``positives[i]``) plus ``cfg.aligned_negatives`` other
-        clusters of ``allowed[i]`` (no), redrawn every time an example comes up: uniformly, or
-        (``cfg.negative_sampling == "popularity"``) in proportion to how often each cluster is a training
-        target (+1), so that popularity alone cannot tell the target from the negatives."""
+        clusters of ``allowed[i]`` (no), redrawn every time an example comes up (:func:`.pairs.draw_pairs`,
+        weighted by :func:`.pairs.negative_weight`: ``cfg.negative_sampling``). Learning rate
+        ``cfg.aligned_lr`` (0: ``cfg.lr``); ``cfg.aligned_balance``: the two answers weighted so that each
+        carries half the loss at the training pairs' expected yes rate."""
         m = cfg.aligned_negatives
-        weight = np.bincount(targets, minlength=len(self.prompts.labels)).astype(np.float64) + 1.0
-        if cfg.negative_sampling == "uniform":
-            weight[:] = 1.0
+        weight = negative_weight(targets, len(self.prompts.labels), cfg.negative_sampling)
+        class_weight = None
+        if cfg.aligned_balance:
+            # expected yes rate of the pairs: positives over (1 + the negatives each transition can get)
+            per = np.array([1 + min(m, max(len(a) - 1, 0)) for a in allowed], dtype=np.float64)
+            rate = float(positives.sum() / per.sum())
+            class_weight = torch.tensor([0.5 / max(rate, 1e-6), 0.5 / max(1 - rate, 1e-6)], device=self.device)
 
         def loss_of_batch(step: int, idx: np.ndarray) -> torch.Tensor:
-            rng = np.random.default_rng([seed, 7, step])
-            pair_ctx, cand, label = [], [], []
-            for i in idx.tolist():
-                pair_ctx.append(i), cand.append(int(targets[i])), label.append(0 if positives[i] else 1)
-                others = np.array([c for c in allowed[i] if c != targets[i]], dtype=np.int64)
-                if len(others):
-                    w = weight[others] / weight[others].sum()
-                    for c in rng.choice(others, min(m, len(others)), replace=False, p=w).tolist():
-                        pair_ctx.append(i), cand.append(int(c)), label.append(1)
-            logits, _ = self._logits(ctx, np.asarray(pair_ctx), cand)
-            return F.cross_entropy(logits, torch.tensor(label, device=self.device))
+            pair_ctx, cand, went = draw_pairs(idx, targets, allowed, m, weight, np.random.default_rng([seed, 7, step]))
+            label = np.where(went & positives[pair_ctx], 0, 1)                       # 0 = yes, 1 = no
+            logits, _ = self._logits(ctx, pair_ctx, cand.tolist())
+            return F.cross_entropy(logits, torch.from_numpy(label).to(self.device), weight=class_weight)
 
-        return train_loop(self.model, loss_of_batch, batches(len(ctx), cfg.aligned_steps, cfg.batch_size, seed), cfg,
-                          "aligned LLM", log)
+        params = trainable(self.model) + ([] if self.head is None else list(self.head.parameters()))
+        modules = [self.model] + ([] if self.head is None else [self.head])
+        lr = cfg.aligned_lr or cfg.lr
+        return fit_steps(params, modules, loss_of_batch, batches(len(ctx), cfg.aligned_steps, cfg.batch_size, seed),
+                         lr, cfg, "aligned LLM", log)
+
+    def heldout(self, ctx: Contexts, positives: np.ndarray, targets: np.ndarray, allowed: Sequence[Sequence[int]],
+                negatives: int, weight: np.ndarray, contexts: int, seed: int) -> dict:
+        """Whether it learnt: :func:`.pairs.pair_metrics` of its scores on up to ``contexts`` of the given
+        (held-out) contexts, each with its target and ``max(1, negatives)`` drawn others."""
+        rng = np.random.default_rng([seed, 41])
+        idx = np.arange(len(ctx)) if len(ctx) <= contexts else np.sort(rng.choice(len(ctx), contexts, replace=False))
+        pair_ctx, cand, went = draw_pairs(idx, targets, allowed, max(1, negatives), weight, rng)
+        t0 = time.perf_counter()
+        flat: list[float] = []
+        with torch.no_grad():
+            for a in range(0, len(pair_ctx), 256):
+                logits, _ = self._logits(ctx, pair_ctx[a:a + 256], cand[a:a + 256].tolist())
+                flat.extend((logits[:, 0] - logits[:, 1]).tolist())
+        score = np.asarray(flat)
+        out = pair_metrics(score, pair_ctx, went, positives[pair_ctx])
+        out |= {"contexts": int(len(idx)), "score_std": float(score.std()), "seconds": round(time.perf_counter() - t0, 1)}
+        return out
 
     @torch.no_grad()
     def score(self, ctx: Contexts, candidates: Sequence[Sequence[int]], max_pairs: int = 512

@@ -41,7 +41,8 @@ from . import evaluate as ev
 from .clusters import build_clusters, event_clusters, last_per_user, novel_transitions, split_users
 from .concentration import PICKS_FILE, aggregate_concentration, concentration, format_concentration, read_picks
 from .config import ExploreConfig
-from .models import AlignedLLM, NoveltyLLM, Prompts, contexts_at
+from .models import AlignedLLM, NoveltyLLM, Prompts, UserHead, contexts_at
+from .pairs import negative_weight
 
 RESULT_FILE = "result.json"
 
@@ -151,21 +152,31 @@ def prepare(cfg: ExploreConfig, out: Path, log=print) -> Shared:
     return Shared(ds, test_users, encoder, info, llm, tok, device)
 
 
-def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print) -> dict:
-    """Cluster, train both LLMs and evaluate for ``seed``; writes ``out/picks.jsonl`` and ``out/clusters.json``."""
-    t0 = time.time()
-    seed_everything(seed)
-    ds, encoder, device = shared.ds, shared.encoder, shared.device
-    tcfg = cfg.train_config(seed)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class SeedData:
+    """One seed's clusters and novel transitions: ``ec`` int64 [E] the event clusters; ``train_tr`` the
+    training users' transitions, ``heldout_tr`` all of the held-out users', ``test_tr`` their last ones
+    (the evaluated ones); ``train_ctx`` / ``train_allowed``: the training contexts and their new clusters."""
 
-    clusters = build_clusters(ds, encoder.tables["item"].detach().cpu().numpy(), cfg.clusters, seed)
+    clusters: object
+    ec: np.ndarray
+    train_tr: object
+    heldout_tr: object
+    test_tr: object
+    train_ctx: object
+    train_allowed: list
+
+
+def seed_data(cfg: ExploreConfig, seed: int, shared: Shared, log=print) -> SeedData:
+    """KMeans clusters (seeded by ``seed``) and the novel transitions, split by the held-out users."""
+    ds = shared.ds
+    clusters = build_clusters(ds, shared.encoder.tables["item"].detach().cpu().numpy(), cfg.clusters, seed)
     ec = event_clusters(ds, clusters)
     tr = novel_transitions(ds, ec, cfg.window, cfg.follow_up, cfg.rating_threshold, cfg.feedback)
     is_test = shared.test_users[tr.user]
     train_tr = tr.subset(np.flatnonzero(~is_test))
-    test_tr = tr.subset(np.flatnonzero(is_test))
-    test_tr = test_tr.subset(last_per_user(test_tr))
+    heldout_tr = tr.subset(np.flatnonzero(is_test))             # every novel transition of the held-out users
+    test_tr = heldout_tr.subset(last_per_user(heldout_tr))
     if cfg.max_test_users and len(test_tr) > cfg.max_test_users:
         test_tr = test_tr.subset(np.sort(np.random.default_rng([seed, 5]).choice(len(test_tr), cfg.max_test_users,
                                                                                   replace=False)))
@@ -175,6 +186,38 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
     log(f"clusters: {clusters.k} (sizes {clusters.sizes.min()}-{clusters.sizes.max()} items); novel transitions: "
         f"{len(train_tr)} of training users ({train_tr.positive.mean():.2f} positive), "
         f"{len(test_tr)} held-out users evaluated ({test_tr.positive.mean():.2f} positive)")
+    train_ctx = contexts_at(ds, ec, train_tr.row, cfg.window)
+    train_allowed = [[c for c in range(clusters.k) if c not in set(r)] for r in train_ctx.recent]
+    return SeedData(clusters, ec, train_tr, heldout_tr, test_tr, train_ctx, train_allowed)
+
+
+def build_aligned(cfg: ExploreConfig, seed: int, shared: Shared, prompts: Prompts, clusters) -> AlignedLLM:
+    """A fresh aligned LLM (``--aligned-strategy``, ``--aligned-head``) on copies of the shared LLM and encoder."""
+    head = None
+    if cfg.aligned_head == "user":
+        head = UserHead(clusters.item_cluster, clusters.k, shared.encoder.config.d_model)
+    model = build_model(cfg.aligned_train_config(seed), copy.deepcopy(shared.llm), copy.deepcopy(shared.encoder))
+    return AlignedLLM(model.to(shared.device), prompts, shared.ds, shared.device, head)
+
+
+def fit_aligned(aligned: AlignedLLM, cfg: ExploreConfig, seed: int, sd: SeedData, log=print) -> dict:
+    """Train ``aligned`` on the training users' pairs, then measure it on the held-out users' (``heldout``)."""
+    info = aligned.fit(sd.train_ctx, sd.train_tr.positive, sd.train_tr.cluster, sd.train_allowed, cfg, seed, log)
+    info["heldout"] = aligned_heldout(aligned, aligned.ds, sd.ec, sd.heldout_tr, sd.train_tr, sd.clusters.k, cfg,
+                                      seed)
+    log(f"aligned LLM held-out: {format_heldout(info['heldout'])}")
+    return info
+
+
+def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print) -> dict:
+    """Cluster, train both LLMs and evaluate for ``seed``; writes ``out/picks.jsonl`` and ``out/clusters.json``."""
+    t0 = time.time()
+    seed_everything(seed)
+    ds, encoder, device = shared.ds, shared.encoder, shared.device
+    tcfg = cfg.train_config(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = seed_data(cfg, seed, shared, log)
+    clusters, ec, train_tr, test_tr = sd.clusters, sd.ec, sd.train_tr, sd.test_tr
     popular = np.bincount(train_tr.cluster, minlength=clusters.k)       # the training users' novel targets
     write_json(out / "clusters.json", {"labels": clusters.labels, "sizes": clusters.sizes.tolist(),
                                        "train_targets": popular.tolist()})
@@ -183,13 +226,9 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
     prompts = Prompts(clusters.labels, shared.tok, cfg.prompt_clusters)
     novelty = NoveltyLLM(build_model(tcfg, copy.deepcopy(shared.llm), copy.deepcopy(encoder)).to(device),
                          prompts, ds, device)
-    aligned = AlignedLLM(build_model(tcfg, copy.deepcopy(shared.llm), copy.deepcopy(encoder)).to(device),
-                         prompts, ds, device)
-
-    train_ctx = contexts_at(ds, ec, train_tr.row, cfg.window)
-    train_allowed = [[c for c in range(clusters.k) if c not in set(r)] for r in train_ctx.recent]
-    novelty_info = novelty.fit(train_ctx, train_tr.cluster, cfg, seed, log)
-    aligned_info = aligned.fit(train_ctx, train_tr.positive, train_tr.cluster, train_allowed, cfg, seed, log)
+    aligned = build_aligned(cfg, seed, shared, prompts, clusters)
+    novelty_info = novelty.fit(sd.train_ctx, train_tr.cluster, cfg, seed, log)
+    aligned_info = fit_aligned(aligned, cfg, seed, sd, log)
 
     test_ctx = contexts_at(ds, ec, test_tr.row, cfg.window)
     results, records = ev.evaluate(ds, clusters, test_ctx, test_tr.cluster, test_tr.positive, popular, novelty,
@@ -215,6 +254,26 @@ def run_seed(cfg: ExploreConfig, seed: int, shared: Shared, out: Path, log=print
                      "test_users": len(test_tr), "test_positive_rate": float(test_tr.positive.mean())},
             "encoder": shared.encoder_info, "novelty_training": novelty_info, "aligned_training": aligned_info,
             "seconds": round(time.time() - t0, 1)}
+
+
+def aligned_heldout(aligned: AlignedLLM, ds, ec: np.ndarray, heldout_tr, train_tr, k: int, cfg: ExploreConfig,
+                    seed: int) -> dict:
+    """The aligned LLM's :meth:`~.models.AlignedLLM.heldout` AUCs on the held-out users' novel transitions
+    (negatives weighted as in its training, by the training users' targets)."""
+    ctx = contexts_at(ds, ec, heldout_tr.row, cfg.window)
+    allowed = [[c for c in range(k) if c not in set(r)] for r in ctx.recent]
+    weight = negative_weight(train_tr.cluster, k, cfg.negative_sampling)
+    return aligned.heldout(ctx, heldout_tr.positive, heldout_tr.cluster, allowed, cfg.aligned_negatives, weight,
+                           cfg.aligned_eval_contexts, seed)
+
+
+def format_heldout(h: dict) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    return (f"AUC {f(h['auc'])} (liked vs not among went-to {f(h['feedback_auc'])}, went-to vs not "
+            f"{f(h['went_auc'])}, within a user {f(h['group_auc'])}; 0.5 = chance), score std "
+            f"{h['score_std']:.4f}, {h['pairs']} pairs of {h['contexts']} contexts")
 
 
 def run(cfg: ExploreConfig, log=print) -> dict:
