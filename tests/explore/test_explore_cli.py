@@ -45,6 +45,11 @@ def test_run_writes_metrics_curve_and_valid_picks(tmp_path, cache):
     cost = {m: metrics["mean"][m]["passes"]["mean"] for m in methods}
     assert cost["best-of-1"] < cost["best-of-2"] < cost["best-of-4"] and cost["random"] == 0
     assert isinstance(metrics["target"]["met"], bool)
+    # Every run says whether its aligned LLM learnt: held-out AUCs per seed and their mean.
+    held = metrics["aligned_heldout"]
+    assert len(held["auc"]["values"]) == 2 and all(0.0 <= v <= 1.0 for v in held["auc"]["values"])
+    assert metrics["per_seed"][0]["aligned_training"]["heldout"]["pairs"] > 0
+    assert "Aligned LLM on held-out users' pairs" in (out / "table.md").read_text()
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| best-of-4 |" in (out / "table.md").read_text()
     # The selector's concentration, read back from every seed's picks.

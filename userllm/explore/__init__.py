@@ -9,7 +9,9 @@ Large-scale Recommendation Systems" (arXiv 2504.05522), on top of User-LLM:
 2. :mod:`.models`: the **novelty LLM** (writes the next novel cluster's label) and the **user-aligned
    LLM** (yes/no: will the user like this new cluster?), both UserLLMs that read the user's events
    through cross-attention and the recent clusters as text; :mod:`.sampling`: decoding constrained by a
-   per-user prefix trie to the labels of clusters new for the user;
+   per-user prefix trie to the labels of clusters new for the user; :mod:`.pairs`: the aligned LLM's
+   (context, candidate) pairs and the held-out AUCs that say whether it learnt; :mod:`.probe`: how
+   learnable those pairs are by logistic regression on simple features (``python -m userllm.explore.probe``);
 3. :mod:`.evaluate`: best-of-n (sample n, the aligned LLM picks one; then the encoder ranks the items
    inside it) against random / popular / greedy / aligned-ranks-all, on held-out users' next novel
    transition, with cost, diversity, a table and a curve over n; :mod:`.concentration`: how the

@@ -13,7 +13,8 @@ window of events enters through gated cross-attention) with the recent clusters 
   drawn in proportion to the clusters' popularity as targets by default: with uniform negatives (the first
   ml-latest-small run, README) the aligned LLM learnt mostly popularity, and picking by it collapsed the
   chosen clusters onto the popular ones (6 distinct clusters over 171 users when ranking all, against
-  17 for the novelty LLM's samples).
+  17 for the novelty LLM's samples). With ``head`` (``--aligned-head user``) a :class:`UserHead` on the user
+  embedding is added to that log-odds; :meth:`AlignedLLM.heldout` measures it on held-out pairs.
 
 Cost accounting (what the evaluation reports per user): a *forward pass* is one row through the LLM,
 a prefill of the whole prompt or one decoding step; *tokens* are the token positions fed.

@@ -19,6 +19,7 @@ window's clusters multi-hot [K] and its outer product with the candidate one-hot
 pretrained encoder's log-probability that the next item lies in the candidate cluster [1] and the user
 embedding (its last hidden state) [D].
 
+Each regression's L2 strength is chosen among :data:`REGULARISATION` on a fifth of the training users.
 Metrics on the held-out pairs: ``auc`` (pooled), ``group_auc`` (the mean over contexts of the AUC among one
 context's pairs, contexts with both labels only: what best-of-n selection needs, since it compares one
 user's candidates), ``log_loss`` and ``base_log_loss`` (always answering the training base rate). The

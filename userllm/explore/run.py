@@ -276,6 +276,29 @@ def format_heldout(h: dict) -> str:
             f"{h['score_std']:.4f}, {h['pairs']} pairs of {h['contexts']} contexts")
 
 
+HELDOUT_AUCS = ("auc", "feedback_auc", "went_auc", "group_auc")
+
+
+def aggregate_heldout(per_seed: list[dict | None]) -> dict:
+    """{AUC name: {"mean", "std", "values"}} over the seeds that measured it (seeds finished before the
+    held-out check existed have none)."""
+    out = {}
+    for k in HELDOUT_AUCS:
+        vals = [h[k] for h in per_seed if h and h.get(k) is not None]
+        out[k] = {"mean": float(np.mean(vals)) if vals else None,
+                  "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "values": vals}
+    return out
+
+
+def format_aggregate_heldout(held: dict) -> str:
+    def f(k):
+        v = held[k]
+        return "-" if v["mean"] is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+    return (f"Aligned LLM on held-out users' pairs (AUC, 0.5 = chance): yes vs no {f('auc')}, liked vs not among "
+            f"went-to {f('feedback_auc')}, went-to vs not {f('went_auc')}, within a user {f('group_auc')}")
+
+
 def run(cfg: ExploreConfig, log=print) -> dict:
     """Every seed, then the aggregate: metrics.json, table.md, curve.png in the run directory."""
     from ..factory import check_paths
@@ -316,12 +339,16 @@ def run(cfg: ExploreConfig, log=print) -> dict:
                "target": ev.target_met(ev.pooled([r["results"] for r in per_seed]), cfg.n_list),
                "target_per_seed": {str(r["seed"]): r["target"] for r in per_seed}, "concentration": conc,
                "per_seed": per_seed}
+    held = aggregate_heldout([r["aligned_training"].get("heldout") for r in per_seed])
+    metrics["aligned_heldout"] = held
+    held_line = format_aggregate_heldout(held)
     write_metrics(out, metrics)
-    write_text(out / "table.md", table + "\n\n" + conc_table + "\n")
+    write_text(out / "table.md", table + "\n\n" + conc_table + "\n\n" + held_line + "\n")
     log("")
     log(table)
     log("")
     log(conc_table)
+    log(held_line)
     log(f"target (best-of-n beats n=1 on hit or positive rate at some n <= 16, diversity within 10%): "
         f"{ev.describe_target(metrics['target'])}")
     log(f"wrote {out}/metrics.json, table.md, curve.png, seed_*/picks.jsonl")
