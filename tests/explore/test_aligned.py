@@ -57,3 +57,23 @@ def test_aligned_llm_learns_a_planted_feedback_rule(tmp_path, head, steps):
     held = fit_aligned(aligned, cfg, 0, sd, log=lambda s: None)["heldout"]
     assert held["contexts"] >= 100
     assert held["feedback_auc"] > 0.75, held
+
+
+def test_probe_finds_a_planted_per_cluster_rule_and_not_in_the_ratings(tmp_path):
+    from userllm.explore.probe import feature_probe, standardised
+
+    x = np.array([[0.0, 1.0, 5.0], [1.0, 0.0, 7.0], [0.0, 0.0, 9.0]])
+    z = standardised(x, np.array([0, 1, 2]), np.array([0, 1, 2]))
+    assert np.array_equal(z[:, :2], x[:, :2]) and z[:, 2].mean() == pytest.approx(0) and z[:, 2].std() == pytest.approx(1)
+    cfg = ExploreConfig(synthetic_users=120, synthetic_items=60, synthetic_events=30, window=4, clusters=6,
+                        follow_up=2, pretrain_steps=4, pretrain_window=8, encoder_dim=16, encoder_layers=1,
+                        llm_hidden=32, llm_layers=1, tokenizer_vocab=400, llm_pretrain_steps=0, threads=1,
+                        cache_dir=str(tmp_path))
+    shared = prepare(cfg, tmp_path, log=lambda s: None)
+    sd = seed_data(cfg, 0, shared, log=lambda s: None)
+    for tr in (sd.train_tr, sd.heldout_tr, sd.test_tr):
+        tr.positive = tr.cluster < sd.clusters.k // 2
+    rows = {(r["task"], r["features"]): r for r in feature_probe(cfg, shared, sd, log=lambda s: None)["rows"]}
+    assert rows["feedback", "cluster"]["auc"] > 0.95
+    assert rows["feedback", "ratings"]["auc"] < 0.7          # the window's ratings say nothing of this rule
+    assert rows["aligned", "cluster"]["group_auc"] > 0.6
