@@ -183,3 +183,19 @@ def test_runs_with_a_local_hf_llm_directory(tmp_path, cache):
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads((out / "config.json").read_text())["llm"] == str(llm_dir)
     assert metrics["mean"]["best-of-4"]["tokens"]["mean"] > metrics["mean"]["best-of-1"]["tokens"]["mean"]
+
+
+def test_a_run_made_before_aligned_head_existed_reads_back_as_the_answer_head(tmp_path, cache, capsys):
+    """The default head changed (answer -> user): an old run directory, whose config has no aligned_head,
+    must not be taken for a run of the new default (its finished seeds were trained with the answer head)."""
+    from userllm.config import parse_config
+    from userllm.explore.config import ExploreConfig
+
+    out = tmp_path / "old"
+    out.mkdir()
+    args = tiny_args(cache, out)
+    old = parse_config(args, cls=ExploreConfig).to_dict() | {"out": str(out)}
+    del old["aligned_head"]
+    (out / "config.json").write_text(json.dumps(old))
+    assert run_cli(main, args) != 0
+    assert "already holds a run with other options" in capsys.readouterr().err

@@ -119,8 +119,10 @@ def paired_gain(records: Sequence[Sequence[dict]], picks: Sequence[np.ndarray], 
     rng = np.random.default_rng([seed, 41])
     boot = np.array([gains(rng.integers(0, len(a), len(a))) for _ in range(resamples)])
     point = gains(np.arange(len(a)))
-    return {key: [point[j], *np.nanpercentile(boot[:, j], [2.5, 97.5]).tolist()]
-            for j, key in enumerate(("hit", "pos_among_hits"))}
+    def interval(col):            # NaN when no resample has hits under both (tiny data): no interval
+        return np.nanpercentile(col, [2.5, 97.5]).tolist() if np.isfinite(col).any() else [np.nan, np.nan]
+
+    return {key: [point[j], *interval(boot[:, j])] for j, key in enumerate(("hit", "pos_among_hits"))}
 
 
 def format_gains(gains: dict[str, dict], title: str) -> str:

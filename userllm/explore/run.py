@@ -45,6 +45,8 @@ from .models import AlignedLLM, NoveltyLLM, Prompts, UserHead, contexts_at
 from .pairs import negative_weight
 
 RESULT_FILE = "result.json"
+#: What a run directory made before an option existed did, where the option's default now differs.
+LEGACY_DEFAULTS = {"aligned_head": "answer"}
 
 
 #: What the brief encoder pretraining does not depend on: where it writes, how many threads / workers run it.
@@ -309,8 +311,9 @@ def run(cfg: ExploreConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else Path("runs") / f"explore-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     current = cfg.to_dict() | {"out": str(out)}
     if (out / "config.json").exists():
-        # An option added since that run was made has its default there (the default keeps the old behaviour).
-        saved = ExploreConfig().to_dict() | json.loads((out / "config.json").read_text())
+        # An option added since that run was made has its default there, or, where the default is not the
+        # behaviour runs had before the option existed, that behaviour (LEGACY_DEFAULTS).
+        saved = ExploreConfig().to_dict() | LEGACY_DEFAULTS | json.loads((out / "config.json").read_text())
         if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in current.items() if k != "seeds"}:
             raise UserError(f"--out {out}: already holds a run with other options; choose another directory")
     write_run_config(out, current)
