@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from test_train import run_train, tiny_args
 
-from userllm.distill import EncoderTeacher, sample_targets, step_generator
+from userllm.config import TrainConfig
+from userllm.distill import CaptionStage, EncoderTeacher, sample_targets, step_generator
+from userllm.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +110,46 @@ def test_distilled_model_reads_the_user(tmp_path, cache):
     assert t["loss_shuffled"] > t["loss_own"] and t["loss_none"] > t["loss_own"]
     assert m["test"]["context_gain"] > 0.0
     assert m["train"]["distill_steps"] == 150
+
+
+def test_caption_draws_are_real_items_and_a_function_of_seed_and_step():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Ev:
+        labels: torch.Tensor
+
+    stage = CaptionStage(50, seed=3)
+    ev = Ev(torch.zeros(64, dtype=torch.int64))
+    a, ia = stage.relabel(ev, 5)
+    b, ib = CaptionStage(50, seed=3).relabel(ev, 5)
+    assert torch.equal(ia, ib) and torch.equal(a.labels, ia) and ia.dtype == torch.int64
+    assert int(ia.min()) >= 1 and int(ia.max()) <= 49
+    assert not torch.equal(ia, stage.relabel(ev, 6)[1])
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(caption_steps=10), "--caption-steps: only for the User-LLM on --task nextitem with --readout-tokens"),
+    (dict(caption_steps=10, readout_tokens=3, task="favgenre"), "--caption-steps: only"),
+    (dict(caption_steps=8, distill_steps=8, readout_tokens=3, steps=12), "8 caption + 8 distillation steps"),
+    (dict(readout_title_tokens=4), "--readout-title-tokens: needs --readout-tokens K > 0"),
+])
+def test_caption_options_are_checked(over, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainConfig(**over).validate()
+
+
+@pytest.mark.slow
+def test_caption_stage_teaches_the_llm_to_write_a_readout_tokens_title(tmp_path, cache):
+    """Synthetic NextItem with the frozen LLM (strategy proj): after a caption stage, a random item's title
+    is clearly cheaper when that item is swapped into the readout's top-1 place than when it is absent
+    (the readout copy gain that every readout run reports). Measured (2026-12-01, these options, load 3):
+    copy gain 0.396 nats per token after 120 caption steps; 0.0003 after 120 steps on the true next items
+    (``caption_steps=0``), so the bound below separates the two; 39 CPU-s."""
+    run_train(tiny_args(cache, tmp_path / "run", llm_pretrain_steps=100, llm_hidden=64, strategy="proj",
+                        readout_tokens=3, steps=120, caption_steps=120, batch_size=16, lr=3e-3, eval_users=16))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    c = m["test"]["readout_copy"]
+    assert c["copy_gain"] > 0.2, c
+    assert m["train"]["caption_steps"] == 120
+    assert "caption120" in m["model"]

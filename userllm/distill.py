@@ -13,6 +13,12 @@ label by a draw from softmax(teacher scores / T) over the teacher's top ``--dist
 frozen copy of the run's encoder as it was before User-LLM training (the pretrained one), so it stays
 fixed even when the strategy trains the encoder. Only the labels change: the window, prompt and user
 tokens are the example's own.
+
+``--caption-steps C`` (with ``--readout-tokens``) puts a caption stage before it: steps 0..C-1 label each
+example with an item drawn uniformly from the catalogue and swap that item into the readout's top-1 place
+(:meth:`~userllm.integration.readout.NextItemReadout.top1_swapped`), so the LLM learns to write the title
+behind a readout token; distillation then runs for steps C..C+D-1 and teaches which candidate to write.
+Why: distillation alone did not teach the copy (the readout module's docstring has the measurement).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of one training step's draws: a pure function of (seed, step), so a resumed run
     draws the same targets as the uninterrupted one."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+def caption_generator(seed: int, step: int) -> torch.Generator:
+    """The caption stage's own stream (a pure function of (seed, step), apart from the distillation's)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
 
 
 def sample_targets(scores: torch.Tensor, topk: int, temperature: float,
@@ -94,3 +105,22 @@ def teacher_top1_examples(teacher: EncoderTeacher, ds, examples: Examples, *, ba
         batch = collate(ds, examples, idx).to(device)
         labels[idx] = sample_targets(teacher.scores(batch), 1, 0.0).cpu().numpy()
     return replace(examples, labels=labels)
+
+
+class CaptionStage:
+    """Relabels training batches for the caption stage: item ids drawn uniformly from 1..num_items-1.
+
+    num_items: V of the readout (id 0 = UNK, never drawn); seed: with the step, fixes every draw.
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        if num_items < 2:
+            raise ValueError(f"the caption stage needs at least one real item, got num_items={num_items}")
+        self.num_items, self.seed = num_items, seed
+
+    def relabel(self, events: EventBatch, step: int) -> tuple[EventBatch, torch.Tensor]:
+        """(``events`` with ``labels`` replaced by the step's draws, the draws int64 [B]) for ``step``; train
+        the step inside ``readout.top1_swapped(draws)``."""
+        items = torch.randint(1, self.num_items, (events.labels.shape[0],), generator=caption_generator(self.seed, step))
+        items = items.to(events.labels.device)
+        return replace(events, labels=items), items
