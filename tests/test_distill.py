@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -112,20 +113,33 @@ def test_distilled_model_reads_the_user(tmp_path, cache):
     assert m["train"]["distill_steps"] == 150
 
 
-def test_caption_draws_are_real_items_and_a_function_of_seed_and_step():
-    from dataclasses import dataclass
+def test_caption_items_are_real_and_the_label_follows_the_teachers_score_profile():
+    class Teacher:                                   # scores: the same sharp profile for every row
+        seed = 3
+
+        def scores(self, events):
+            s = torch.full((events.labels.shape[0], 50), -20.0)
+            s[:, 5], s[:, 6], s[:, 7] = 10.0, 8.0, 0.0
+            return s
 
     @dataclass
-    class Ev:
+    class Events:
         labels: torch.Tensor
 
-    stage = CaptionStage(50, seed=3)
-    ev = Ev(torch.zeros(64, dtype=torch.int64))
-    a, ia = stage.relabel(ev, 5)
-    b, ib = CaptionStage(50, seed=3).relabel(ev, 5)
-    assert torch.equal(ia, ib) and torch.equal(a.labels, ia) and ia.dtype == torch.int64
-    assert int(ia.min()) >= 1 and int(ia.max()) <= 49
-    assert not torch.equal(ia, stage.relabel(ev, 6)[1])
+    def relabel(stage, step):
+        return stage.relabel(Events(torch.zeros(400, dtype=torch.int64)), step)
+
+    stage = CaptionStage(Teacher(), k=3, temperature=1.0, num_items=50)
+    ev, items = relabel(stage, 5)
+    ev2, items2 = relabel(CaptionStage(Teacher(), k=3, temperature=1.0, num_items=50), 5)
+    assert torch.equal(items, items2) and torch.equal(ev.labels, ev2.labels)     # a function of (seed, step)
+    assert items.shape == (400, 3) and items.dtype == torch.int64 and int(items.min()) >= 1
+    assert int(items.max()) <= 49 and not torch.equal(items, relabel(stage, 6)[1])
+    place = (items == ev.labels[:, None]).float().argmax(1)
+    share = torch.bincount(place, minlength=3).float() / 400                      # softmax(10, 8, 0) = .88, .12, 0
+    assert 0.8 < float(share[0]) < 0.95 and float(share[2]) < 0.01
+    ev0, items0 = relabel(CaptionStage(Teacher(), k=3, temperature=0.0, num_items=50), 5)
+    assert torch.equal(ev0.labels, items0[:, 0])                                  # temperature 0: always place 0
 
 
 @pytest.mark.parametrize("over, message", [

@@ -182,17 +182,17 @@ class TrainConfig(DataOptions):
     stride: int = opt(1, "rows between training targets of a user, counted back from the newest (1 = every "
                             "train event is a target: the paper's windows; 19.6M on MovieLens-20M at window 50)",
                             min=1)
-    caption_steps: int = opt(0, "NextItem with --readout-tokens: the first N of --steps are a caption stage: "
-                             "each label is a random catalogue item put in the place of the readout's top-1 "
-                             "candidate, so the LLM learns to write the title a readout token stands for "
-                             "(userllm.distill; 0 = off)", min=0)
+    caption_steps: int = opt(0, "NextItem with --readout-tokens K: the first N of --steps are a caption stage: "
+                             "K random catalogue items take the places and scores of the readout's K candidates "
+                             "and the label is drawn among them as --distill-temperature says, so the LLM learns "
+                             "to write the title a readout token stands for (userllm.distill; 0 = off)", min=0)
     distill_steps: int = opt(0, "NextItem: the N steps after the caption stage (from step 0 without one) train on "
                              "the frozen pretrained encoder's "
                              "next-item draws (see --distill-topk/--distill-temperature) instead of the true next "
                              "items, so that the target is a function of the user tokens (userllm.distill; "
                              "0 = off, the paper's training)", min=0)
     distill_topk: int = opt(10, "distillation: draw the target among the encoder's K best next items", min=1)
-    distill_temperature: float = opt(1.0, "distillation: softmax temperature of the draw over the top K "
+    distill_temperature: float = opt(1.0, "distillation and caption: softmax temperature of the draw over the top K "
                                      "(0 = always the encoder's top-1)", min=0.0)
     max_train_examples: int = opt(0, "train on a fixed random subset of this many examples (0 = all; "
                                   "small values overfit on purpose, for debugging)", min=0)

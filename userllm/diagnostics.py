@@ -73,7 +73,7 @@ def target_loss_sums(model, batcher, ds, examples: Examples, context: str, *, ba
 
     model: a :class:`~userllm.integration.UserLLM` in eval mode; context: ``own`` | ``shuffled`` | ``none``
     (module docstring); partner: the shuffle (default :func:`derangement` of N); swap_items: int64 [N] items
-    put in the readout's top-1 place, one per example (:meth:`NextItemReadout.top1_swapped`).
+    put in the readout's top-1 place, one per example (:meth:`NextItemReadout.candidates_replaced`).
     """
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
@@ -86,7 +86,7 @@ def target_loss_sums(model, batcher, ds, examples: Examples, context: str, *, ba
         lb = batcher.train_batch(collate(ds, examples, idx)).to(device)
         events = lb.events if context != "shuffled" else collate(ds, examples, partner[idx]).to(device)
         swap = (contextlib.nullcontext() if swap_items is None
-                else model.readout.top1_swapped(torch.as_tensor(swap_items[idx], device=device)))
+                else model.readout.candidates_replaced(torch.as_tensor(swap_items[idx, None], device=device)))
         with amp(), swap:
             ctx = model.prepare_user_context(events.features, events.lengths, cache_kv=False)
             if context == "none":

@@ -14,11 +14,15 @@ frozen copy of the run's encoder as it was before User-LLM training (the pretrai
 fixed even when the strategy trains the encoder. Only the labels change: the window, prompt and user
 tokens are the example's own.
 
-``--caption-steps C`` (with ``--readout-tokens``) puts a caption stage before it: steps 0..C-1 label each
-example with an item drawn uniformly from the catalogue and swap that item into the readout's top-1 place
-(:meth:`~userllm.integration.readout.NextItemReadout.top1_swapped`), so the LLM learns to write the title
-behind a readout token; distillation then runs for steps C..C+D-1 and teaches which candidate to write.
-Why: distillation alone did not teach the copy (the readout module's docstring has the measurement).
+``--caption-steps C`` (with ``--readout-tokens K``) puts a caption stage before it: in steps 0..C-1 the
+K readout candidates of each example are K items drawn uniformly from the catalogue, each in the place
+(and with the score) of one of the encoder's K best
+(:meth:`~userllm.integration.readout.NextItemReadout.candidates_replaced`), and the label is drawn among
+them as distillation draws it among the encoder's (softmax of the scores / ``--distill-temperature``).
+The LLM must then write the title of the readout token the scores point to, for items it cannot guess
+from popularity; distillation then runs for steps C..C+D-1 on the encoder's own candidates.
+Why: distillation alone did not teach the LLM to read the readout (the readout module's docstring has
+the measurement).
 """
 
 from __future__ import annotations
@@ -108,19 +112,29 @@ def teacher_top1_examples(teacher: EncoderTeacher, ds, examples: Examples, *, ba
 
 
 class CaptionStage:
-    """Relabels training batches for the caption stage: item ids drawn uniformly from 1..num_items-1.
+    """Relabels training batches for the caption stage (module docstring).
 
-    num_items: V of the readout (id 0 = UNK, never drawn); seed: with the step, fixes every draw.
+    teacher: the :class:`EncoderTeacher` whose top-K score profile picks the label; k: the readout's
+    candidates; temperature: as :func:`sample_targets`; num_items: V (id 0 = UNK, never drawn).
     """
 
-    def __init__(self, num_items: int, seed: int):
-        if num_items < 2:
-            raise ValueError(f"the caption stage needs at least one real item, got num_items={num_items}")
-        self.num_items, self.seed = num_items, seed
+    def __init__(self, teacher: EncoderTeacher, k: int, temperature: float, num_items: int):
+        if num_items < 2 or not 1 <= k <= num_items - 1:
+            raise ValueError(f"the caption stage needs 1 <= k < num_items, got k={k}, num_items={num_items}")
+        self.teacher, self.k, self.temperature, self.num_items = teacher, k, temperature, num_items
 
     def relabel(self, events: EventBatch, step: int) -> tuple[EventBatch, torch.Tensor]:
-        """(``events`` with ``labels`` replaced by the step's draws, the draws int64 [B]) for ``step``; train
-        the step inside ``readout.top1_swapped(draws)``."""
-        items = torch.randint(1, self.num_items, (events.labels.shape[0],), generator=caption_generator(self.seed, step))
-        items = items.to(events.labels.device)
-        return replace(events, labels=items), items
+        """(``events`` with ``labels`` int64 [B] drawn among the step's items, the items int64 [B, K]); train
+        the step inside ``readout.candidates_replaced(items)``."""
+        g = caption_generator(self.teacher.seed, step)
+        B = events.labels.shape[0]
+        items = torch.randint(1, self.num_items, (B, self.k), generator=g)
+        scores = self.teacher.scores(events).float().cpu()
+        scores[:, UNK_ID] = float("-inf")
+        top = scores.topk(self.k, dim=-1).values                                   # the encoder's profile
+        if self.temperature == 0:
+            place = torch.zeros(B, dtype=torch.int64)
+        else:
+            place = torch.multinomial(torch.softmax(top / self.temperature, -1), 1, generator=g).squeeze(1)
+        labels = items.gather(1, place[:, None]).squeeze(1)
+        return replace(events, labels=labels.to(events.labels.device)), items.to(events.labels.device)

@@ -137,24 +137,22 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     if cfg.compile:  # userllm.kernels.compile: the blocks that call the fused ops, fullgraph
         from .kernels.compile import compile_model
         log(f"compile: {', '.join(compile_model(model)) or 'no block calls a fused op'}", flush=True)
-    caption = None
-    if cfg.caption_steps:
-        from .distill import CaptionStage
-
-        caption = CaptionStage(model.readout.num_items, cfg.seed)
-        log(f"caption: steps 0-{cfg.caption_steps - 1} write the title of a random item put in the readout's "
-            f"top-1 place", flush=True)
-    teacher = None
-    if cfg.distill_steps:  # a frozen copy of the encoder before any User-LLM step (and before a resume's load)
-        from .distill import EncoderTeacher
+    teacher = caption = None
+    if cfg.distill_steps or cfg.caption_steps:  # the frozen encoder, copied before any step and a resume's load
+        from .distill import CaptionStage, EncoderTeacher
 
         if cfg.distill_topk > ds.num_items - 1:
             raise UserError(f"--distill-topk: {cfg.distill_topk} is more than the {ds.num_items - 1} items")
         with user_errors("--distill-steps"):
             teacher = EncoderTeacher(model.encoder, cfg.distill_topk, cfg.distill_temperature, cfg.seed)
-        log(f"distill: steps {cfg.caption_steps}-{cfg.caption_steps + cfg.distill_steps - 1} train on the frozen "
-            f"encoder's draws "
-            f"(top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})", flush=True)
+        if cfg.caption_steps:
+            caption = CaptionStage(teacher, cfg.readout_tokens, cfg.distill_temperature, model.readout.num_items)
+            log(f"caption: steps 0-{cfg.caption_steps - 1} write the title of one of {cfg.readout_tokens} random "
+                f"items put in the readout's places (temperature {cfg.distill_temperature:g})", flush=True)
+        if cfg.distill_steps:
+            log(f"distill: steps {cfg.caption_steps}-{cfg.caption_steps + cfg.distill_steps - 1} train on the "
+                f"frozen encoder's draws (top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})",
+                flush=True)
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)
@@ -223,7 +221,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         swap = contextlib.nullcontext()
         if caption is not None and step < cfg.caption_steps:
             events, items = caption.relabel(events, step)
-            swap = model.readout.top1_swapped(items.to(device))
+            swap = model.readout.candidates_replaced(items.to(device))
         elif teacher is not None and step < cfg.caption_steps + cfg.distill_steps:
             events = teacher.relabel(events, step)
         lb = batcher.train_batch(events).to(device)
@@ -300,7 +298,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
                                                                 "first_loss": first_loss,
                                                                 "final_loss": final_loss,
                                                                 "train_seconds": round(loop.seconds, 2)})
-        if teacher is not None:  # does the LLM read the user for the target it was distilled on?
+        if cfg.distill_steps:  # does the LLM read the user for the target it was distilled on?
             from .diagnostics import context_gain
             from .distill import teacher_top1_examples
 

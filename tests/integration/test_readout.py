@@ -87,22 +87,25 @@ def _expected(r: NextItemReadout, scores: torch.Tensor) -> torch.Tensor:
             + top[..., None] * r.score_direction.double())
 
 
-def test_top1_swapped_puts_the_item_first_with_the_top1_score_and_keeps_the_rest():
+def test_candidates_replaced_take_the_best_places_with_the_encoders_scores():
     r = _readout()
     scores = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)) * 3
-    scores[:, 0] = float("-inf")
-    best = scores.argmax(-1)
-    items = torch.tensor([7, 9, 11, 13, 17, 19])
-    items[2] = best[2]                                            # swapping the top-1 with itself: a no-op
-    swapped = scores.clone()
-    rows = torch.arange(6)
-    swapped[rows, items], swapped[rows, best] = scores[rows, best], scores[rows, items]
-    with r.top1_swapped(items):
+    items = torch.tensor([[7, 9], [11, 13], [17, 19], [21, 23], [25, 27], [29, 31]])
+    logp = torch.log_softmax(scores.double(), -1)
+    logp[:, 0] = float("-inf")
+    top, idx = logp.topk(r.k, -1)
+    idx[:, :2] = items
+    W, b = r.adapter.weight.double(), r.adapter.bias.double()
+    want = (r.title_vectors.double()[idx] @ W.T + b + r.rank_embedding.double()
+            + top[..., None] * r.score_direction.double())
+    with r.candidates_replaced(items):
         out = r(scores)
-    torch.testing.assert_close(out.double(), _expected(r, swapped), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(r(scores).double(), _expected(r, scores), rtol=0, atol=1e-5)  # undone on exit
-    with pytest.raises(ValueError, match="3 rows"), r.top1_swapped(items):
+    with pytest.raises(ValueError, match="for 6 rows, scores for 3"), r.candidates_replaced(items):
         r(scores[:3])
+    with pytest.raises(ValueError, match="J <= 4"):
+        r.candidates_replaced(torch.ones(6, 5, dtype=torch.int64)).__enter__()
 
 
 def test_title_token_mode_pairs_each_title_token_with_the_one_before_it():

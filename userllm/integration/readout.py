@@ -27,12 +27,12 @@ tell the LLM the encoder's order and confidence.
 The candidate choice (top-K) carries no gradient: the encoder is read, not trained, through this path.
 
 **Caption stage** (``--caption-steps``, :class:`userllm.distill.CaptionStage`): inside
-:meth:`NextItemReadout.top1_swapped` a given item takes the place of each row's top-1 candidate (the two swap
-scores), and the label is that item, so the LLM learns to write the title a readout token stands for, for
-any item of the catalogue. Measured on ml-latest-small (prototype, 400 steps, README "NextItem"): without
-it, after 2000 distillation steps, an item swapped into the top-1 place lowered its own title's loss by
-0.02 nats per token (3.73 vs 3.75 when absent from the candidates): the LLM did not read the readout; after
-400 caption steps, by 1.27 (2.83 vs 4.10).
+:meth:`NextItemReadout.candidates_replaced` given items take the places of a row's best candidates (each
+keeps the score of the candidate it replaces, so the score profile stays the encoder's), and the label is
+one of them, so the LLM learns to write the title a readout token stands for, for any catalogue item.
+Measured on ml-latest-small (README "NextItem", session 6): after 2000 distillation steps without it, a
+random item put in the top-1 place lowered its title's loss by 0.02 nats per token (3.73 vs 3.75 when
+absent): the LLM did not read the readout.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class NextItemReadout(nn.Module):
                 self.prev_adapter.weight.copy_(q)
             self.start = nn.Parameter(torch.zeros(d_model))
             self.position_embedding = nn.Parameter(torch.zeros(title_tokens, d_model))
-        self._swap: torch.Tensor | None = None
+        self._replace: torch.Tensor | None = None
 
     @property
     def tokens_per_request(self) -> int:
@@ -108,29 +108,29 @@ class NextItemReadout(nn.Module):
             self.position_embedding.copy_(torch.randn(self.position_embedding.shape, generator=g) * std)
 
     @contextmanager
-    def top1_swapped(self, items: torch.Tensor) -> Iterator[None]:
-        """Within the block, row b's item ``items[b]`` (int64 [B], real ids >= 1) swaps scores with the row's
-        best-scored item, so it becomes candidate 0 with the top-1's score and the candidates' score
-        profile stays the encoder's (the caption stage; module docstring)."""
-        saved, self._swap = self._swap, items
+    def candidates_replaced(self, items: torch.Tensor) -> Iterator[None]:
+        """Within the block, ``items`` (int64 [B, J], J <= K, real ids >= 1) are row b's candidates 0..J-1, each
+        with the score of the encoder's candidate it replaces (the caption stage; module docstring)."""
+        if items.ndim != 2 or items.shape[1] > self.k:
+            raise ValueError(f"candidates_replaced: items must be [B, J] with J <= {self.k}, got {tuple(items.shape)}")
+        saved, self._replace = self._replace, items
         try:
             yield
         finally:
-            self._swap = saved
+            self._replace = saved
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         """scores float [B, V] (any real scores; log-softmaxed here) -> tokens [B, K, d_model]."""
         with torch.no_grad():
             logp = torch.log_softmax(scores.float(), dim=-1)
             logp[:, 0] = float("-inf")                       # UNK is never a candidate
-            if self._swap is not None:
-                if self._swap.shape != (logp.shape[0],):
-                    raise ValueError(f"top1_swapped: {tuple(self._swap.shape)} items for {logp.shape[0]} rows")
-                rows = torch.arange(logp.shape[0], device=logp.device)
-                item, best = self._swap.to(logp.device), logp.argmax(-1)
-                a, b = logp[rows, best].clone(), logp[rows, item].clone()
-                logp[rows, item], logp[rows, best] = a, b
             top, idx = logp.topk(self.k, dim=-1)
+            if self._replace is not None:
+                if self._replace.shape[0] != idx.shape[0]:
+                    raise ValueError(f"candidates_replaced: items for {self._replace.shape[0]} rows, "
+                                     f"scores for {idx.shape[0]}")
+                idx = idx.clone()
+                idx[:, :self._replace.shape[1]] = self._replace.to(idx.device)
         dtype = self.adapter.weight.dtype
         score = top.to(dtype)[..., None] * self.score_direction.to(dtype)                # [B, K, d]
         if not self.title_tokens:
