@@ -186,6 +186,8 @@ class TrainConfig(DataOptions):
                              "K random catalogue items take the places and scores of the readout's K candidates "
                              "and the label is drawn among them as --distill-temperature says, so the LLM learns "
                              "to write the title a readout token stands for (userllm.distill; 0 = off)", min=0)
+    caption_replace: int = opt(0, "caption stage: how many of the readout's K candidates (the best first) random "
+                               "items replace (0 = all K)", min=0)
     distill_steps: int = opt(0, "NextItem: the N steps after the caption stage (from step 0 without one) train on "
                              "the frozen pretrained encoder's "
                              "next-item draws (see --distill-topk/--distill-temperature) instead of the true next "
@@ -251,6 +253,9 @@ class TrainConfig(DataOptions):
             if self.caption_steps + self.distill_steps > self.steps:
                 raise UserError(f"--caption-steps: {self.caption_steps} caption + {self.distill_steps} distillation "
                                 f"steps are more than --steps ({self.steps})")
+            if self.caption_replace > self.readout_tokens:
+                raise UserError(f"--caption-replace: {self.caption_replace} is more than the --readout-tokens "
+                                f"({self.readout_tokens})")
         if self.baseline == "textprompt" and self.strategy not in ("full", "lora"):
             raise UserError(f"--strategy: the TextPrompt baseline trains the LLM with full or lora, not "
                             f"{self.strategy!r}")

@@ -15,10 +15,10 @@ fixed even when the strategy trains the encoder. Only the labels change: the win
 tokens are the example's own.
 
 ``--caption-steps C`` (with ``--readout-tokens K``) puts a caption stage before it: in steps 0..C-1 the
-K readout candidates of each example are K items drawn uniformly from the catalogue, each in the place
-(and with the score) of one of the encoder's K best
+first J (``--caption-replace``) of the K readout candidates of each example are items drawn uniformly
+from the catalogue, each in the place (and with the score) of one of the encoder's J best
 (:meth:`~userllm.integration.readout.NextItemReadout.candidates_replaced`), and the label is drawn among
-them as distillation draws it among the encoder's (softmax of the scores / ``--distill-temperature``).
+the K as distillation draws it among the encoder's (softmax of the scores / ``--distill-temperature``).
 The LLM must then write the title of the readout token the scores point to, for items it cannot guess
 from popularity; distillation then runs for steps C..C+D-1 on the encoder's own candidates.
 Why: distillation alone did not teach the LLM to read the readout (the readout module's docstring has
@@ -114,27 +114,31 @@ def teacher_top1_examples(teacher: EncoderTeacher, ds, examples: Examples, *, ba
 class CaptionStage:
     """Relabels training batches for the caption stage (module docstring).
 
-    teacher: the :class:`EncoderTeacher` whose top-K score profile picks the label; k: the readout's
-    candidates; temperature: as :func:`sample_targets`; num_items: V (id 0 = UNK, never drawn).
+    teacher: the :class:`EncoderTeacher` whose top-K candidates and score profile are used; k: the
+    readout's candidates; replaced: how many of them (places 0..J-1) random items take (1..k);
+    temperature: as :func:`sample_targets`; num_items: V (id 0 = UNK, never drawn).
     """
 
-    def __init__(self, teacher: EncoderTeacher, k: int, temperature: float, num_items: int):
-        if num_items < 2 or not 1 <= k <= num_items - 1:
-            raise ValueError(f"the caption stage needs 1 <= k < num_items, got k={k}, num_items={num_items}")
-        self.teacher, self.k, self.temperature, self.num_items = teacher, k, temperature, num_items
+    def __init__(self, teacher: EncoderTeacher, k: int, replaced: int, temperature: float, num_items: int):
+        if num_items < 2 or not 1 <= k <= num_items - 1 or not 1 <= replaced <= k:
+            raise ValueError(f"the caption stage needs 1 <= replaced <= k < num_items, got replaced={replaced}, "
+                             f"k={k}, num_items={num_items}")
+        self.teacher, self.k, self.replaced = teacher, k, replaced
+        self.temperature, self.num_items = temperature, num_items
 
     def relabel(self, events: EventBatch, step: int) -> tuple[EventBatch, torch.Tensor]:
-        """(``events`` with ``labels`` int64 [B] drawn among the step's items, the items int64 [B, K]); train
-        the step inside ``readout.candidates_replaced(items)``."""
+        """(``events`` with ``labels`` int64 [B] drawn among the step's K candidates, the random items int64
+        [B, J]); train the step inside ``readout.candidates_replaced(items)``."""
         g = caption_generator(self.teacher.seed, step)
         B = events.labels.shape[0]
-        items = torch.randint(1, self.num_items, (B, self.k), generator=g)
+        items = torch.randint(1, self.num_items, (B, self.replaced), generator=g)
         scores = self.teacher.scores(events).float().cpu()
         scores[:, UNK_ID] = float("-inf")
-        top = scores.topk(self.k, dim=-1).values                                   # the encoder's profile
+        top, idx = scores.topk(self.k, dim=-1)                         # the encoder's candidates and profile
+        idx[:, :self.replaced] = items
         if self.temperature == 0:
             place = torch.zeros(B, dtype=torch.int64)
         else:
             place = torch.multinomial(torch.softmax(top / self.temperature, -1), 1, generator=g).squeeze(1)
-        labels = items.gather(1, place[:, None]).squeeze(1)
+        labels = idx.gather(1, place[:, None]).squeeze(1)
         return replace(events, labels=labels.to(events.labels.device)), items.to(events.labels.device)

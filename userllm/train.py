@@ -146,9 +146,11 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         with user_errors("--distill-steps"):
             teacher = EncoderTeacher(model.encoder, cfg.distill_topk, cfg.distill_temperature, cfg.seed)
         if cfg.caption_steps:
-            caption = CaptionStage(teacher, cfg.readout_tokens, cfg.distill_temperature, model.readout.num_items)
-            log(f"caption: steps 0-{cfg.caption_steps - 1} write the title of one of {cfg.readout_tokens} random "
-                f"items put in the readout's places (temperature {cfg.distill_temperature:g})", flush=True)
+            replaced = cfg.caption_replace or cfg.readout_tokens
+            caption = CaptionStage(teacher, cfg.readout_tokens, replaced, cfg.distill_temperature,
+                                   model.readout.num_items)
+            log(f"caption: steps 0-{cfg.caption_steps - 1} write one of the readout's {cfg.readout_tokens} candidates, "
+                f"the best {replaced} replaced by random items (temperature {cfg.distill_temperature:g})", flush=True)
         if cfg.distill_steps:
             log(f"distill: steps {cfg.caption_steps}-{cfg.caption_steps + cfg.distill_steps - 1} train on the "
                 f"frozen encoder's draws (top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})",
