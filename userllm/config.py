@@ -153,6 +153,8 @@ class TrainConfig(DataOptions):
     perceiver_layers: int = opt(1, "Perceiver resampler layers", min=1)
     readout_tokens: int = opt(0, "also give the LLM the encoder's K best next-item candidates as user tokens "
                               "(0 = the paper's per-event tokens only; userllm.integration.readout)", min=0)
+    readout_title_tokens: int = opt(0, "readout: tokens per candidate, one per title token with the token "
+                                    "before it (0 = one token per candidate, its title's mean embedding)", min=0)
     soft_prompt_tokens: int = opt(4, "learned task-prompt tokens (soft-prompt integration)", min=0)
     strategy: str = opt("full", "trainable parts: full (everything), lora (LoRA on the LLM + encoder + "
                         "projections), enc (encoder + integration), proj (integration only); with the embedded "
@@ -180,12 +182,19 @@ class TrainConfig(DataOptions):
     stride: int = opt(1, "rows between training targets of a user, counted back from the newest (1 = every "
                             "train event is a target: the paper's windows; 19.6M on MovieLens-20M at window 50)",
                             min=1)
-    distill_steps: int = opt(0, "NextItem: the first N of --steps train on the frozen pretrained encoder's "
+    caption_steps: int = opt(0, "NextItem with --readout-tokens K: the first N of --steps are a caption stage: "
+                             "K random catalogue items take the places and scores of the readout's K candidates "
+                             "and the label is drawn among them as --distill-temperature says, so the LLM learns "
+                             "to write the title a readout token stands for (userllm.distill; 0 = off)", min=0)
+    caption_replace: int = opt(0, "caption stage: how many of the readout's K candidates (the best first) random "
+                               "items replace (0 = all K)", min=0)
+    distill_steps: int = opt(0, "NextItem: the N steps after the caption stage (from step 0 without one) train on "
+                             "the frozen pretrained encoder's "
                              "next-item draws (see --distill-topk/--distill-temperature) instead of the true next "
                              "items, so that the target is a function of the user tokens (userllm.distill; "
                              "0 = off, the paper's training)", min=0)
     distill_topk: int = opt(10, "distillation: draw the target among the encoder's K best next items", min=1)
-    distill_temperature: float = opt(1.0, "distillation: softmax temperature of the draw over the top K "
+    distill_temperature: float = opt(1.0, "distillation and caption: softmax temperature of the draw over the top K "
                                      "(0 = always the encoder's top-1)", min=0.0)
     max_train_examples: int = opt(0, "train on a fixed random subset of this many examples (0 = all; "
                                   "small values overfit on purpose, for debugging)", min=0)
@@ -232,8 +241,21 @@ class TrainConfig(DataOptions):
             if self.task != "nextitem" or self.baseline == "textprompt":
                 raise UserError("--distill-steps: only for the User-LLM on --task nextitem (the teacher is the "
                                 "user encoder's next-item head)")
-            if self.distill_steps > self.steps:
-                raise UserError(f"--distill-steps: {self.distill_steps} is more than --steps ({self.steps})")
+            if self.caption_steps + self.distill_steps > self.steps:
+                raise UserError(f"--distill-steps: {self.caption_steps} caption + {self.distill_steps} distillation "
+                                f"steps are more than --steps ({self.steps})")
+        if self.readout_title_tokens and not self.readout_tokens:
+            raise UserError("--readout-title-tokens: needs --readout-tokens K > 0")
+        if self.caption_steps:
+            if self.task != "nextitem" or self.baseline == "textprompt" or not self.readout_tokens:
+                raise UserError("--caption-steps: only for the User-LLM on --task nextitem with --readout-tokens "
+                                "(it teaches the LLM to write a readout token's title)")
+            if self.caption_steps + self.distill_steps > self.steps:
+                raise UserError(f"--caption-steps: {self.caption_steps} caption + {self.distill_steps} distillation "
+                                f"steps are more than --steps ({self.steps})")
+            if self.caption_replace > self.readout_tokens:
+                raise UserError(f"--caption-replace: {self.caption_replace} is more than the --readout-tokens "
+                                f"({self.readout_tokens})")
         if self.baseline == "textprompt" and self.strategy not in ("full", "lora"):
             raise UserError(f"--strategy: the TextPrompt baseline trains the LLM with full or lora, not "
                             f"{self.strategy!r}")
@@ -260,6 +282,10 @@ class TrainConfig(DataOptions):
             name += f"-TP{self.text_events}"
         if self.readout_tokens:
             name += f"-readout{self.readout_tokens}"
+            if self.readout_title_tokens:
+                name += f"x{self.readout_title_tokens}"
+        if self.caption_steps:
+            name += f"-caption{self.caption_steps}"
         if self.distill_steps:
             name += f"-distill{self.distill_steps}"
         return name
@@ -277,7 +303,7 @@ class TrainConfig(DataOptions):
         return UserLLMConfig(integration=self.integration, xattn_every=self.xattn_every,
                              perceiver_latents=self.perceiver_latents, perceiver_layers=self.perceiver_layers,
                              task_prompt_len=self.soft_prompt_tokens, gate_init=self.gate_init,
-                             readout_tokens=self.readout_tokens)
+                             readout_tokens=self.readout_tokens, readout_title_tokens=self.readout_title_tokens)
 
     def pretrain_config(self, out: str | Path | None = None) -> "PretrainConfig":
         """The brief encoder pretraining of ``--pretrain-steps`` (``python -m userllm.pretrain``'s recipe and

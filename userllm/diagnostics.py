@@ -16,6 +16,11 @@
   Only the encoder input is shuffled; with a mixed context (``--text-events n``) the rendered text stays
   the user's own, so the gain is what the embeddings add on top of the text.
 
+* **Readout copy gain** (:func:`readout_copy_gain`, models with ``--readout-tokens``): each example's label
+  is replaced by a random item, and its title's target loss is taken with that item swapped into the
+  readout's top-1 place and without it among the candidates; the difference says whether the LLM writes
+  what the readout tokens name (0 = it does not read them).
+
 * **Gates** (:func:`gate_values`): tanh of each cross-attention block's attention and FFN gate, the
   scale at which the block writes into the residual stream (0 = the block is shut).
 
@@ -62,11 +67,13 @@ def _is_user_llm(model) -> bool:
 @torch.no_grad()
 def target_loss_sums(model, batcher, ds, examples: Examples, context: str, *, batch_size: int = 32,
                      device: torch.device | str = "cpu", amp: Callable = contextlib.nullcontext,
-                     partner: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     partner: np.ndarray | None = None, swap_items: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Per-example summed target-token cross-entropy (float64 [N], nats) and target-token counts (int64 [N]).
 
     model: a :class:`~userllm.integration.UserLLM` in eval mode; context: ``own`` | ``shuffled`` | ``none``
-    (module docstring); partner: the shuffle (default :func:`derangement` of N).
+    (module docstring); partner: the shuffle (default :func:`derangement` of N); swap_items: int64 [N] items
+    put in the readout's top-1 place, one per example (:meth:`NextItemReadout.candidates_replaced`).
     """
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
@@ -78,7 +85,9 @@ def target_loss_sums(model, batcher, ds, examples: Examples, context: str, *, ba
         idx = np.arange(a, min(a + batch_size, n))
         lb = batcher.train_batch(collate(ds, examples, idx)).to(device)
         events = lb.events if context != "shuffled" else collate(ds, examples, partner[idx]).to(device)
-        with amp():
+        swap = (contextlib.nullcontext() if swap_items is None
+                else model.readout.candidates_replaced(torch.as_tensor(swap_items[idx, None], device=device)))
+        with amp(), swap:
             ctx = model.prepare_user_context(events.features, events.lengths, cache_kv=False)
             if context == "none":
                 ctx = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
@@ -103,6 +112,26 @@ def context_gain(model, batcher, ds, examples: Examples, *, batch_size: int = 32
         losses[context] = float(sums.sum() / max(int(counts.sum()), 1))
     return {"loss_own": losses["own"], "loss_shuffled": losses["shuffled"], "loss_none": losses["none"],
             "context_gain": losses["shuffled"] - losses["own"], "context_gain_none": losses["none"] - losses["own"]}
+
+
+def readout_copy_gain(model, batcher, ds, examples: Examples, *, batch_size: int = 32,
+                      device: torch.device | str = "cpu", amp: Callable = contextlib.nullcontext,
+                      seed: int = SHUFFLE_SEED) -> dict | None:
+    """{"loss_swapped_in", "loss_absent", "copy_gain"} in nats per target token (module docstring), on
+    ``examples`` relabelled with items drawn uniformly (fixed ``seed``); None without readout tokens or
+    examples."""
+    readout = getattr(model, "readout", None)
+    if readout is None or len(examples) == 0:
+        return None
+    items = np.random.default_rng(seed).integers(1, readout.num_items, len(examples))
+    relabelled = replace(examples, labels=items)
+    loss = {}
+    for name, swap in (("swapped_in", items), ("absent", None)):
+        sums, counts = target_loss_sums(model, batcher, ds, relabelled, "own", batch_size=batch_size,
+                                        device=device, amp=amp, swap_items=swap)
+        loss[name] = float(sums.sum() / max(int(counts.sum()), 1))
+    return {"loss_swapped_in": loss["swapped_in"], "loss_absent": loss["absent"],
+            "copy_gain": loss["absent"] - loss["swapped_in"]}
 
 
 def gate_values(model) -> dict | None:
@@ -204,6 +233,9 @@ def user_signal(model, batcher, ds, examples: Examples, *, batch_size: int = 32,
     gain = context_gain(model, batcher, ds, examples, batch_size=batch_size, device=device, amp=amp)
     if gain is not None:
         out.update(gain)
+    copy = readout_copy_gain(model, batcher, ds, examples, batch_size=batch_size, device=device, amp=amp)
+    if copy is not None:
+        out["readout_copy"] = copy
     gates = gate_values(model)
     if gates is not None:
         out["gates"] = gates

@@ -13,6 +13,16 @@ label by a draw from softmax(teacher scores / T) over the teacher's top ``--dist
 frozen copy of the run's encoder as it was before User-LLM training (the pretrained one), so it stays
 fixed even when the strategy trains the encoder. Only the labels change: the window, prompt and user
 tokens are the example's own.
+
+``--caption-steps C`` (with ``--readout-tokens K``) puts a caption stage before it: in steps 0..C-1 the
+first J (``--caption-replace``) of the K readout candidates of each example are items drawn uniformly
+from the catalogue, each in the place (and with the score) of one of the encoder's J best
+(:meth:`~userllm.integration.readout.NextItemReadout.candidates_replaced`), and the label is drawn among
+the K as distillation draws it among the encoder's (softmax of the scores / ``--distill-temperature``).
+The LLM must then write the title of the readout token the scores point to, for items it cannot guess
+from popularity; distillation then runs for steps C..C+D-1 on the encoder's own candidates.
+Why: distillation alone did not teach the LLM to read the readout (the readout module's docstring has
+the measurement).
 """
 
 from __future__ import annotations
@@ -32,6 +42,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of one training step's draws: a pure function of (seed, step), so a resumed run
     draws the same targets as the uninterrupted one."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+def caption_generator(seed: int, step: int) -> torch.Generator:
+    """The caption stage's own stream (a pure function of (seed, step), apart from the distillation's)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
 
 
 def sample_targets(scores: torch.Tensor, topk: int, temperature: float,
@@ -94,3 +109,36 @@ def teacher_top1_examples(teacher: EncoderTeacher, ds, examples: Examples, *, ba
         batch = collate(ds, examples, idx).to(device)
         labels[idx] = sample_targets(teacher.scores(batch), 1, 0.0).cpu().numpy()
     return replace(examples, labels=labels)
+
+
+class CaptionStage:
+    """Relabels training batches for the caption stage (module docstring).
+
+    teacher: the :class:`EncoderTeacher` whose top-K candidates and score profile are used; k: the
+    readout's candidates; replaced: how many of them (places 0..J-1) random items take (1..k);
+    temperature: as :func:`sample_targets`; num_items: V (id 0 = UNK, never drawn).
+    """
+
+    def __init__(self, teacher: EncoderTeacher, k: int, replaced: int, temperature: float, num_items: int):
+        if num_items < 2 or not 1 <= k <= num_items - 1 or not 1 <= replaced <= k:
+            raise ValueError(f"the caption stage needs 1 <= replaced <= k < num_items, got replaced={replaced}, "
+                             f"k={k}, num_items={num_items}")
+        self.teacher, self.k, self.replaced = teacher, k, replaced
+        self.temperature, self.num_items = temperature, num_items
+
+    def relabel(self, events: EventBatch, step: int) -> tuple[EventBatch, torch.Tensor]:
+        """(``events`` with ``labels`` int64 [B] drawn among the step's K candidates, the random items int64
+        [B, J]); train the step inside ``readout.candidates_replaced(items)``."""
+        g = caption_generator(self.teacher.seed, step)
+        B = events.labels.shape[0]
+        items = torch.randint(1, self.num_items, (B, self.replaced), generator=g)
+        scores = self.teacher.scores(events).float().cpu()
+        scores[:, UNK_ID] = float("-inf")
+        top, idx = scores.topk(self.k, dim=-1)                         # the encoder's candidates and profile
+        idx[:, :self.replaced] = items
+        if self.temperature == 0:
+            place = torch.zeros(B, dtype=torch.int64)
+        else:
+            place = torch.multinomial(torch.softmax(top / self.temperature, -1), 1, generator=g).squeeze(1)
+        labels = idx.gather(1, place[:, None]).squeeze(1)
+        return replace(events, labels=labels.to(events.labels.device)), items.to(events.labels.device)

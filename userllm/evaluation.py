@@ -219,6 +219,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
         log("tanh(gates) of the cross-attention blocks: attn " +
             ", ".join(f"{g:.3f}" for g in metrics["gates"]["attn"]) + "; ffn " +
             ", ".join(f"{g:.3f}" for g in metrics["gates"]["ffn"]))
+    if "readout_copy" in metrics:
+        c = metrics["readout_copy"]
+        log(f"readout copy: a random item's title {c['loss_swapped_in']:.3f} nats/token in the top-1 place, "
+            f"{c['loss_absent']:.3f} absent (gain {c['copy_gain']:.3f})")
     for s in metrics.get("samples", [])[:3]:
         log(f"  e.g. reference {s.get('reference')!r}: " +
             (f"top-3 {s['top3']}" if "top3" in s else f"generated {s['generated']!r}"))

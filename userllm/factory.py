@@ -184,9 +184,9 @@ def fill_readout(model: nn.Module, ds, tok) -> None:
     readout = getattr(model, "readout", None)
     if readout is None:
         return
-    titles = ds.item_titles(np.arange(readout.title_vectors.shape[0]))
+    titles = ds.item_titles(np.arange(readout.num_items))
     ids = tok([target_text(t) for t in titles[1:]], add_special_tokens=False)["input_ids"]
-    readout.set_title_vectors(title_vectors(model.llm, [[]] + ids))
+    readout.set_title_vectors(title_vectors(model.llm, [[]] + ids, readout.title_tokens))
 
 
 def checkpoint_modules(model: nn.Module, cfg: TrainConfig) -> dict[str, nn.Module]:

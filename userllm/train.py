@@ -44,6 +44,7 @@ no checkpoint of the diverged weights is written.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Sequence
@@ -136,16 +137,24 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     if cfg.compile:  # userllm.kernels.compile: the blocks that call the fused ops, fullgraph
         from .kernels.compile import compile_model
         log(f"compile: {', '.join(compile_model(model)) or 'no block calls a fused op'}", flush=True)
-    teacher = None
-    if cfg.distill_steps:  # a frozen copy of the encoder before any User-LLM step (and before a resume's load)
-        from .distill import EncoderTeacher
+    teacher = caption = None
+    if cfg.distill_steps or cfg.caption_steps:  # the frozen encoder, copied before any step and a resume's load
+        from .distill import CaptionStage, EncoderTeacher
 
         if cfg.distill_topk > ds.num_items - 1:
             raise UserError(f"--distill-topk: {cfg.distill_topk} is more than the {ds.num_items - 1} items")
         with user_errors("--distill-steps"):
             teacher = EncoderTeacher(model.encoder, cfg.distill_topk, cfg.distill_temperature, cfg.seed)
-        log(f"distill: steps 0-{cfg.distill_steps - 1} train on the frozen encoder's draws "
-            f"(top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})", flush=True)
+        if cfg.caption_steps:
+            replaced = cfg.caption_replace or cfg.readout_tokens
+            caption = CaptionStage(teacher, cfg.readout_tokens, replaced, cfg.distill_temperature,
+                                   model.readout.num_items)
+            log(f"caption: steps 0-{cfg.caption_steps - 1} write one of the readout's {cfg.readout_tokens} candidates, "
+                f"the best {replaced} replaced by random items (temperature {cfg.distill_temperature:g})", flush=True)
+        if cfg.distill_steps:
+            log(f"distill: steps {cfg.caption_steps}-{cfg.caption_steps + cfg.distill_steps - 1} train on the "
+                f"frozen encoder's draws (top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})",
+                flush=True)
     trainable, total = count_parameters(model)
     log(f"model: {cfg.model_name}: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable", flush=True)
     batcher = make_batcher(cfg, ds, tok, model)
@@ -211,15 +220,21 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
     def step_fn(step: int):
         t0 = time.perf_counter()
         events = next(batches)
-        if teacher is not None and step < cfg.distill_steps:
+        swap = contextlib.nullcontext()
+        if caption is not None and step < cfg.caption_steps:
+            events, items = caption.relabel(events, step)
+            swap = model.readout.candidates_replaced(items.to(device))
+        elif teacher is not None and step < cfg.caption_steps + cfg.distill_steps:
             events = teacher.relabel(events, step)
         lb = batcher.train_batch(events).to(device)
         if profiler is not None and profiler.train_step is None:
             box: list[torch.Tensor] = []
-            profiler.first_step(model, lambda: box.append(train_step(lb)), lb, batcher, events)
+            with swap:
+                profiler.first_step(model, lambda: box.append(train_step(lb)), lb, batcher, events)
             loss = box[0]
         else:
-            loss = train_step(lb)
+            with swap:
+                loss = train_step(lb)
         if profiler is not None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -280,11 +295,12 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         first_loss, final_loss = (losses[0], losses[-1]) if losses else (None, None)
         results = evaluate_and_report(cfg, model, batcher, ds, train_ex, test_ex, device, amp, log,
                                       split="test", train_info={"steps": cfg.steps, "world_size": dist.world,
+                                                                "caption_steps": cfg.caption_steps,
                                                                 "distill_steps": cfg.distill_steps,
                                                                 "first_loss": first_loss,
                                                                 "final_loss": final_loss,
                                                                 "train_seconds": round(loop.seconds, 2)})
-        if teacher is not None:  # does the LLM read the user for the target it was distilled on?
+        if cfg.distill_steps:  # does the LLM read the user for the target it was distilled on?
             from .diagnostics import context_gain
             from .distill import teacher_top1_examples
 

@@ -48,6 +48,8 @@ class UserLLMConfig:
     task_prompt_len: learned task-prompt tokens after the user tokens (soft prompt only).
     readout_tokens: 0 = the paper's user tokens only; K > 0 also gives the LLM the encoder's K best
         next-item candidates as tokens (:mod:`userllm.integration.readout`; needs ``encoder.score_next``).
+    readout_title_tokens: 0 = one readout token per candidate (its title's mean embedding); P > 0 = P per
+        candidate, one per title token (:class:`~userllm.integration.readout.NextItemReadout`).
     """
 
     integration: str = "xattn"
@@ -62,6 +64,7 @@ class UserLLMConfig:
     perceiver_heads: int | None = None
     task_prompt_len: int = 8
     readout_tokens: int = 0
+    readout_title_tokens: int = 0
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -187,7 +190,8 @@ class UserLLM(nn.Module):
         if config.readout_tokens > 0:
             if not hasattr(encoder, "score_next"):
                 raise ValueError("readout tokens need an encoder with a next-item head (score_next)")
-            self.readout = NextItemReadout(_scored_vocab(encoder), d_llm, config.readout_tokens)
+            self.readout = NextItemReadout(_scored_vocab(encoder), d_llm, config.readout_tokens,
+                                           config.readout_title_tokens)
         self.xattn = nn.ModuleList()
         self.soft_prompt = None
         self.xattn_layer_indices: list[int] = []
