@@ -45,19 +45,13 @@ def negative_weight(targets: np.ndarray, k: int, rule: str) -> np.ndarray:
 
 
 def auc(score: np.ndarray, label: np.ndarray) -> float | None:
-    """ROC AUC of ``score`` for bool ``label`` (ties count 1/2); None without both labels."""
-    score, label = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=bool)
-    n_pos, n_neg = int(label.sum()), int((~label).sum())
-    if not n_pos or not n_neg:
+    """ROC AUC of ``score`` for bool ``label`` (scikit-learn's: ties count 1/2); None without both labels."""
+    from sklearn.metrics import roc_auc_score
+
+    label = np.asarray(label, dtype=bool)
+    if label.all() or not label.any():
         return None
-    order = np.argsort(score, kind="stable")
-    ranks = np.empty(len(score))
-    s = score[order]
-    # average ranks over ties (1-based)
-    cuts = np.flatnonzero(np.r_[True, s[1:] != s[:-1], True])
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        ranks[order[a:b]] = 0.5 * (a + b - 1) + 1.0
-    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(label, np.asarray(score, dtype=np.float64)))
 
 
 def group_auc(score: np.ndarray, label: np.ndarray, group: np.ndarray) -> float | None:
