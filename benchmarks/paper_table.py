@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:       # run as a script from a plain checkout
 
 from userllm.cli import ArgumentParser, run_cli  # noqa: E402
 from userllm.errors import UserError  # noqa: E402
+from userllm.metrics import seed_stats  # noqa: E402
 from userllm.utils.atomic import atomic_path, write_text  # noqa: E402
 
 # --- what is run --------------------------------------------------------------------------------------
@@ -381,10 +382,7 @@ def flatten(metrics: dict, sections: Sequence[str] = ("test", "baselines", "trai
 
 def mean_std(values: Sequence[float]) -> dict:
     """{"mean", "std" (sample, ddof 1; 0 for one value), "n", "values"}."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+    return {**seed_stats(values), "n": len(values)}
 
 
 def aggregate(per_seed: Sequence[dict[str, float]]) -> dict[str, dict]:

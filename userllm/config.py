@@ -241,21 +241,19 @@ class TrainConfig(DataOptions):
             if self.task != "nextitem" or self.baseline == "textprompt":
                 raise UserError("--distill-steps: only for the User-LLM on --task nextitem (the teacher is the "
                                 "user encoder's next-item head)")
-            if self.caption_steps + self.distill_steps > self.steps:
-                raise UserError(f"--distill-steps: {self.caption_steps} caption + {self.distill_steps} distillation "
-                                f"steps are more than --steps ({self.steps})")
         if self.readout_title_tokens and not self.readout_tokens:
             raise UserError("--readout-title-tokens: needs --readout-tokens K > 0")
         if self.caption_steps:
             if self.task != "nextitem" or self.baseline == "textprompt" or not self.readout_tokens:
                 raise UserError("--caption-steps: only for the User-LLM on --task nextitem with --readout-tokens "
                                 "(it teaches the LLM to write a readout token's title)")
-            if self.caption_steps + self.distill_steps > self.steps:
-                raise UserError(f"--caption-steps: {self.caption_steps} caption + {self.distill_steps} distillation "
-                                f"steps are more than --steps ({self.steps})")
             if self.caption_replace > self.readout_tokens:
                 raise UserError(f"--caption-replace: {self.caption_replace} is more than the --readout-tokens "
                                 f"({self.readout_tokens})")
+        if self.caption_steps + self.distill_steps > self.steps:
+            flag = "--distill-steps" if self.distill_steps else "--caption-steps"
+            raise UserError(f"{flag}: {self.caption_steps} caption + {self.distill_steps} distillation "
+                            f"steps are more than --steps ({self.steps})")
         if self.baseline == "textprompt" and self.strategy not in ("full", "lora"):
             raise UserError(f"--strategy: the TextPrompt baseline trains the LLM with full or lora, not "
                             f"{self.strategy!r}")

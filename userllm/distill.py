@@ -49,6 +49,30 @@ def caption_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
 
 
+def top_candidates(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32 [B, k], item ids int64 [B, k]) of each row's ``topk`` best items, best first; id 0 = UNK
+    is never one. scores: float [B, V] next-item scores (any real scores)."""
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be [B, V] with V >= 2, got {tuple(scores.shape)}")
+    if not 1 <= topk <= scores.shape[1] - 1:
+        raise ValueError(f"topk must be in 1..{scores.shape[1] - 1}, got {topk}")
+    s = scores.detach().float().clone()
+    s[:, UNK_ID] = float("-inf")
+    return s.topk(topk, dim=-1)
+
+
+def draw_places(top: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """int64 [B]: one place per row of ``top`` (float [B, k], best first), drawn from softmax(top /
+    temperature) on CPU (the [B, k] probabilities are small); 0 = always place 0 (no draw). On ``top``'s
+    device."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return torch.zeros(top.shape[0], dtype=torch.int64, device=top.device)
+    probs = torch.softmax(top.cpu() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(top.device)
+
+
 def sample_targets(scores: torch.Tensor, topk: int, temperature: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one item id per row from the teacher's top-``topk`` items.
@@ -58,20 +82,9 @@ def sample_targets(scores: torch.Tensor, topk: int, temperature: float,
     generator: a CPU generator (the draw runs on CPU; the [B, topk] probabilities are small).
     Returns int64 [B] item ids on ``scores``' device.
     """
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(f"scores must be [B, V] with V >= 2, got {tuple(scores.shape)}")
-    if not 1 <= topk <= scores.shape[1] - 1:
-        raise ValueError(f"topk must be in 1..{scores.shape[1] - 1}, got {topk}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    s = scores.detach().float().clone()
-    s[:, UNK_ID] = float("-inf")
-    top, idx = s.topk(topk, dim=-1)                                   # [B, k], sorted best first
-    if temperature == 0:
-        return idx[:, 0].to(torch.int64)
-    probs = torch.softmax(top.cpu() / temperature, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)   # [B, 1]
-    return idx.gather(1, choice).squeeze(1).to(torch.int64)
+    top, idx = top_candidates(scores, topk)                           # [B, k], sorted best first
+    place = draw_places(top, temperature, generator)
+    return idx.gather(1, place[:, None]).squeeze(1).to(torch.int64)
 
 
 class EncoderTeacher:
@@ -132,13 +145,7 @@ class CaptionStage:
         g = caption_generator(self.teacher.seed, step)
         B = events.labels.shape[0]
         items = torch.randint(1, self.num_items, (B, self.replaced), generator=g)
-        scores = self.teacher.scores(events).float().cpu()
-        scores[:, UNK_ID] = float("-inf")
-        top, idx = scores.topk(self.k, dim=-1)                         # the encoder's candidates and profile
+        top, idx = top_candidates(self.teacher.scores(events).cpu(), self.k)   # the encoder's candidates, profile
         idx[:, :self.replaced] = items
-        if self.temperature == 0:
-            place = torch.zeros(B, dtype=torch.int64)
-        else:
-            place = torch.multinomial(torch.softmax(top / self.temperature, -1), 1, generator=g).squeeze(1)
-        labels = idx.gather(1, place[:, None]).squeeze(1)
+        labels = idx.gather(1, draw_places(top, self.temperature, g)[:, None]).squeeze(1)
         return replace(events, labels=labels.to(events.labels.device)), items.to(events.labels.device)

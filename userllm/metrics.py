@@ -1,5 +1,5 @@
 """Evaluation metrics: full-ranking Recall@k / NDCG@k for next-item prediction, a popularity baseline, and
-ROUGE for review generation.
+ROUGE for review generation; :func:`seed_stats`, the mean ± std over seeds that every multi-seed table reports.
 
 Ranking protocol (:func:`label_ranks`):
   * every item of the vocabulary is a candidate (no sampled negatives), except the reserved ids:
@@ -133,3 +133,12 @@ def rouge(preds: Sequence[str], refs: Sequence[str],
             totals[t] += result[t].fmeasure
     n = max(1, len(preds))
     return {t: totals[t] / n for t in types}
+
+
+def seed_stats(values: Sequence[float]) -> dict:
+    """{"mean", "std", "values"} of one figure over seeds: the sample std (ddof 1), 0.0 for one value;
+    mean and std None for no values."""
+    vals = list(values)
+    mean = float(np.mean(vals)) if vals else None
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None
+    return {"mean": mean, "std": std, "values": vals}

@@ -227,13 +227,12 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
         elif teacher is not None and step < cfg.caption_steps + cfg.distill_steps:
             events = teacher.relabel(events, step)
         lb = batcher.train_batch(events).to(device)
-        if profiler is not None and profiler.train_step is None:
-            box: list[torch.Tensor] = []
-            with swap:
+        with swap:
+            if profiler is not None and profiler.train_step is None:
+                box: list[torch.Tensor] = []
                 profiler.first_step(model, lambda: box.append(train_step(lb)), lb, batcher, events)
-            loss = box[0]
-        else:
-            with swap:
+                loss = box[0]
+            else:
                 loss = train_step(lb)
         if profiler is not None:
             if device.type == "cuda":

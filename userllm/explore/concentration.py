@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..metrics import seed_stats
 from .selection import additive_fit
 
 PICKS_FILE = "picks.jsonl"
@@ -66,13 +67,9 @@ def concentration(records: Sequence[dict]) -> dict:
 def aggregate_concentration(per_seed: Sequence[dict]) -> dict:
     """Mean and sample std over seeds of :func:`concentration`'s figures (same layout, each a
     {"mean", "std", "values"})."""
-    def stats(vals):
-        return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                "values": list(vals)}
-
-    out = {k: stats([s[k] for s in per_seed]) for k in ("cluster_bias_share", "score_range")} | {"methods": {}}
+    out = {k: seed_stats([s[k] for s in per_seed]) for k in ("cluster_bias_share", "score_range")} | {"methods": {}}
     for m, row in per_seed[0]["methods"].items():
-        out["methods"][m] = {k: stats([s["methods"][m][k] for s in per_seed]) for k in row}
+        out["methods"][m] = {k: seed_stats([s["methods"][m][k] for s in per_seed]) for k in row}
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..metrics import label_ranks
+from ..metrics import label_ranks, seed_stats
 from .models import Contexts, Cost
 from .selection import additive_fit, select, selection_rng
 
@@ -75,7 +75,7 @@ def evaluate(ds, clusters, ctx: Contexts, target: np.ndarray, positive: np.ndarr
     """({method: metrics}, per-user pick records) for the held-out contexts (module docstring); best-of-n
     chooses among its samples by the ``selection`` rule (:mod:`.selection`)."""
     U, K = len(ctx), clusters.k
-    allowed = [[c for c in range(K) if c not in set(r)] for r in ctx.recent]
+    allowed = ctx.new_clusters(K)
     rng = np.random.default_rng([seed, 21])
     gen = torch.Generator().manual_seed(seed)
     picks: dict[str, np.ndarray] = {m: np.zeros(U, dtype=np.int64) for m in BASELINES}
@@ -203,10 +203,7 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     for m in sorted(per_seed[0], key=order):    # baselines, then best-of-n by n (a reloaded result is sorted)
         out[m] = {}
         for k in (*METRICS, "users"):
-            vals = [r[m][k] for r in per_seed if r[m].get(k) is not None]
-            mean = float(np.mean(vals)) if vals else None
-            std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None
-            out[m][k] = {"mean": mean, "std": std, "values": vals}
+            out[m][k] = seed_stats([r[m][k] for r in per_seed if r[m].get(k) is not None])
     return out
 
 

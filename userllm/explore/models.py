@@ -57,6 +57,10 @@ class Contexts:
     def __len__(self) -> int:
         return len(self.row)
 
+    def new_clusters(self, k: int) -> list[list[int]]:
+        """Per context, the clusters of 0..k-1 not among its recent ones: the novel candidates."""
+        return [[c for c in range(k) if c not in set(r)] for r in self.recent]
+
     def take(self, idx) -> "Contexts":
         idx = np.asarray(idx, dtype=np.int64)
         return Contexts(self.row[idx], self.start[idx], [self.recent[i] for i in idx.tolist()])
@@ -242,8 +246,9 @@ class UserHead(torch.nn.Module):
     def forward(self, encoder, feats, lengths, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """float [P]: the head's score of pairs (``users`` int64 [P] rows of the windows ``feats`` /
         ``lengths``, ``candidates`` int64 [P])."""
-        u = encoder.last_hidden(feats, lengths).float()                                  # [B, D]
-        lp = torch.log_softmax(encoder.score_next(feats, lengths).float(), -1)            # [B, V]
+        h = encoder.last_hidden(feats, lengths)                                          # [B, D]
+        u = h.float()
+        lp = torch.log_softmax(encoder.feature_logits(h, "item").float(), -1)            # [B, V]: score_next(...)
         logp = torch.logsumexp(lp[:, :, None] + self.log_members[None], 1)                # [B, K]
         return (self.bias[candidates] + self.logp_weight * logp[users, candidates]
                 + (u[users] * self.cluster_emb[candidates]).sum(-1))

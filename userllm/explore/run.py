@@ -35,6 +35,7 @@ import torch
 from ..errors import UserError
 from ..factory import build_llm, build_model, cache_root, check_encoder_fits, load_data
 from ..loop import pick_device, seed_everything
+from ..metrics import seed_stats
 from ..runs import write_metrics, write_run_config
 from ..utils.atomic import write_json, write_text
 from . import evaluate as ev
@@ -189,7 +190,7 @@ def seed_data(cfg: ExploreConfig, seed: int, shared: Shared, log=print) -> SeedD
         f"{len(train_tr)} of training users ({train_tr.positive.mean():.2f} positive), "
         f"{len(test_tr)} held-out users evaluated ({test_tr.positive.mean():.2f} positive)")
     train_ctx = contexts_at(ds, ec, train_tr.row, cfg.window)
-    train_allowed = [[c for c in range(clusters.k) if c not in set(r)] for r in train_ctx.recent]
+    train_allowed = train_ctx.new_clusters(clusters.k)
     return SeedData(clusters, ec, train_tr, heldout_tr, test_tr, train_ctx, train_allowed)
 
 
@@ -263,7 +264,7 @@ def aligned_heldout(aligned: AlignedLLM, ds, ec: np.ndarray, heldout_tr, train_t
     """The aligned LLM's :meth:`~.models.AlignedLLM.heldout` AUCs on the held-out users' novel transitions
     (negatives weighted as in its training, by the training users' targets)."""
     ctx = contexts_at(ds, ec, heldout_tr.row, cfg.window)
-    allowed = [[c for c in range(k) if c not in set(r)] for r in ctx.recent]
+    allowed = ctx.new_clusters(k)
     weight = negative_weight(train_tr.cluster, k, cfg.negative_sampling)
     return aligned.heldout(ctx, heldout_tr.positive, heldout_tr.cluster, allowed, cfg.aligned_negatives, weight,
                            cfg.aligned_eval_contexts, seed)
@@ -286,9 +287,7 @@ def aggregate_heldout(per_seed: list[dict | None]) -> dict:
     held-out check existed have none)."""
     out = {}
     for k in HELDOUT_AUCS:
-        vals = [h[k] for h in per_seed if h and h.get(k) is not None]
-        out[k] = {"mean": float(np.mean(vals)) if vals else None,
-                  "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "values": vals}
+        out[k] = seed_stats([h[k] for h in per_seed if h and h.get(k) is not None])
     return out
 
 

@@ -101,7 +101,8 @@ class NextItemReadout(nn.Module):
             raise ValueError(f"title vectors must be {tuple(self.title_vectors.shape)}, got {tuple(vectors.shape)}")
         self.title_vectors.copy_(vectors)
         real = vectors[1:].float()
-        std = float(real[real.abs().sum(-1) > 0].std()) if bool((real.abs().sum(-1) > 0).any()) else 1.0
+        filled = real[real.abs().sum(-1) > 0]                     # the title vectors of real tokens
+        std = float(filled.std()) if len(filled) else 1.0
         g = torch.Generator().manual_seed(0)
         self.rank_embedding.copy_(torch.randn(self.rank_embedding.shape, generator=g) * std)
         if self.title_tokens:
