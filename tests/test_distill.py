@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -146,8 +146,37 @@ def test_caption_items_are_real_and_the_label_follows_the_teachers_score_profile
     assert set(ev1.labels[real].tolist()) <= {6, 7} and 0.05 < float(real.float().mean()) < 0.2
 
 
+def test_the_caption_temperature_goes_linearly_from_first_to_last_step():
+    class Teacher:
+        seed = 0
+
+        def scores(self, events):                    # places 0, 1, 2 at 2, 1, 0: sharp at T 0.1, flat at T 5
+            s = torch.full((events.labels.shape[0], 20), -30.0)
+            s[:, 3], s[:, 4], s[:, 5] = 2.0, 1.0, 0.0
+            return s
+
+    @dataclass
+    class Events:
+        labels: torch.Tensor
+
+    stage = CaptionStage(Teacher(), k=3, replaced=3, temperature=0.1, num_items=20, temperature_end=5.0, steps=11)
+    assert [stage.temperature_at(s) for s in (0, 5, 10, 99)] == pytest.approx([0.1, 2.55, 5.0, 5.0])
+    first = []
+    for step in (0, 10):
+        ev, items = stage.relabel(Events(torch.zeros(2000, dtype=torch.int64)), step)
+        first.append(float((ev.labels == items[:, 0]).float().mean()))
+    assert first[0] > 0.99 and 0.3 < first[1] < 0.45, first           # softmax((2, 1, 0) / 5)[0] = 0.40
+    const = CaptionStage(Teacher(), k=3, replaced=3, temperature=0.7, num_items=20, steps=11)
+    assert const.temperature_at(0) == const.temperature_at(10) == 0.7
+    cfg = TrainConfig(caption_steps=10, readout_tokens=3, distill_temperature=0.3)
+    assert cfg.caption_temperatures == (0.3, 0.3)
+    assert replace(cfg, caption_temperature=0.2, caption_temperature_end=1.0).caption_temperatures == (0.2, 1.0)
+
+
 @pytest.mark.parametrize("over, message", [
     (dict(caption_steps=10), "--caption-steps: only for the User-LLM on --task nextitem with --readout-tokens"),
+    (dict(caption_temperature=0.2), "--caption-temperature: only with --caption-steps N > 0"),
+    (dict(caption_temperature_end=1.0), "--caption-temperature-end: only with --caption-steps N > 0"),
     (dict(caption_steps=10, readout_tokens=3, task="favgenre"), "--caption-steps: only"),
     (dict(caption_steps=8, distill_steps=8, readout_tokens=3, steps=12), "8 caption + 8 distillation steps"),
     (dict(readout_title_tokens=4), "--readout-title-tokens: needs --readout-tokens K > 0"),

@@ -188,13 +188,21 @@ class TrainConfig(DataOptions):
                              "to write the title a readout token stands for (userllm.distill; 0 = off)", min=0)
     caption_replace: int = opt(0, "caption stage: how many of the readout's K candidates (the best first) random "
                                "items replace (0 = all K)", min=0)
+    caption_temperature: float | None = opt(None, "caption stage: softmax temperature of the label's draw over the "
+                                            "K candidates' scores (0 = always the first; default: "
+                                            "--distill-temperature)", min=0.0)
+    caption_temperature_end: float | None = opt(None, "caption stage: the temperature goes linearly from "
+                                                "--caption-temperature at its first step to this at its last, a "
+                                                "curriculum: a steep profile starts the copy, a flat one spreads "
+                                                "the LLM's beams over all K candidates (default: constant)", min=0.0)
     distill_steps: int = opt(0, "NextItem: the N steps after the caption stage (from step 0 without one) train on "
                              "the frozen pretrained encoder's "
                              "next-item draws (see --distill-topk/--distill-temperature) instead of the true next "
                              "items, so that the target is a function of the user tokens (userllm.distill; "
                              "0 = off, the paper's training)", min=0)
     distill_topk: int = opt(10, "distillation: draw the target among the encoder's K best next items", min=1)
-    distill_temperature: float = opt(1.0, "distillation and caption: softmax temperature of the draw over the top K "
+    distill_temperature: float = opt(1.0, "distillation (and the caption stage without "
+                                     "--caption-temperature): softmax temperature of the draw over the top K "
                                      "(0 = always the encoder's top-1)", min=0.0)
     max_train_examples: int = opt(0, "train on a fixed random subset of this many examples (0 = all; "
                                   "small values overfit on purpose, for debugging)", min=0)
@@ -243,6 +251,11 @@ class TrainConfig(DataOptions):
                                 "user encoder's next-item head)")
         if self.readout_title_tokens and not self.readout_tokens:
             raise UserError("--readout-title-tokens: needs --readout-tokens K > 0")
+        if not self.caption_steps:
+            for flag, value in (("--caption-temperature", self.caption_temperature),
+                                ("--caption-temperature-end", self.caption_temperature_end)):
+                if value is not None:
+                    raise UserError(f"{flag}: only with --caption-steps N > 0")
         if self.caption_steps:
             if self.task != "nextitem" or self.baseline == "textprompt" or not self.readout_tokens:
                 raise UserError("--caption-steps: only for the User-LLM on --task nextitem with --readout-tokens "
@@ -287,6 +300,12 @@ class TrainConfig(DataOptions):
         if self.distill_steps:
             name += f"-distill{self.distill_steps}"
         return name
+
+    @property
+    def caption_temperatures(self) -> tuple[float, float]:
+        """(first, last) temperature of the caption stage's label draw (:class:`userllm.distill.CaptionStage`)."""
+        first = self.distill_temperature if self.caption_temperature is None else self.caption_temperature
+        return first, first if self.caption_temperature_end is None else self.caption_temperature_end
 
     @property
     def text_prompt(self) -> bool:

@@ -147,10 +147,12 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, resume_from: Path | None
             teacher = EncoderTeacher(model.encoder, cfg.distill_topk, cfg.distill_temperature, cfg.seed)
         if cfg.caption_steps:
             replaced = cfg.caption_replace or cfg.readout_tokens
-            caption = CaptionStage(teacher, cfg.readout_tokens, replaced, cfg.distill_temperature,
-                                   model.readout.num_items)
+            first, last = cfg.caption_temperatures
+            caption = CaptionStage(teacher, cfg.readout_tokens, replaced, first, model.readout.num_items,
+                                   temperature_end=last, steps=cfg.caption_steps)
+            temps = f"{first:g}" if first == last else f"{first:g} -> {last:g}"
             log(f"caption: steps 0-{cfg.caption_steps - 1} write one of the readout's {cfg.readout_tokens} candidates, "
-                f"the best {replaced} replaced by random items (temperature {cfg.distill_temperature:g})", flush=True)
+                f"the best {replaced} replaced by random items (temperature {temps})", flush=True)
         if cfg.distill_steps:
             log(f"distill: steps {cfg.caption_steps}-{cfg.caption_steps + cfg.distill_steps - 1} train on the "
                 f"frozen encoder's draws (top {cfg.distill_topk}, temperature {cfg.distill_temperature:g})",
