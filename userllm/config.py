@@ -389,6 +389,8 @@ class PretrainConfig(DataOptions):
     temperature: float = opt(0.07, "dual: softmax temperature of the cosine scores (> 0)")
     logq_correction: bool = opt(True, "dual, in_batch / mixed: correct in-batch negatives' popularity bias "
                                 "(log p(item), or log of the expected count with mixed, subtracted)")
+    item_bias: bool = opt(False, "dual: a learned per-item bias added to the cosine scores (the popularity prior "
+                          "the AR encoder's softmax head has)")
     sasrec_loss: str = opt("bce", "sasrec: bce (the paper's: one sampled negative per position) | ce (full "
                            "softmax, RecBole's default)", choices=("bce", "ce"))
     seed: int = opt(0, "seed of the initialization and the data order")
@@ -464,7 +466,8 @@ class PretrainConfig(DataOptions):
         else:
             out.update(num_user_embeddings=self.user_embeddings, fusion=self.fusion, negatives=self.negatives,
                        num_negatives=self.num_negatives, temperature=self.temperature, label_feature="item",
-                       logq_correction=self.logq_correction, targets=self.dual_targets)
+                       logq_correction=self.logq_correction, targets=self.dual_targets,
+                       item_bias=self.item_bias)
         return out
 
 

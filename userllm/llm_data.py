@@ -28,8 +28,7 @@ import torch
 from .data.examples import EventBatch
 from .decoding import Trie, left_pad
 from .text_prompt import PromptRenderer, target_text
-
-IGNORE = -100
+from .utils.hf import IGNORE
 
 
 @dataclass

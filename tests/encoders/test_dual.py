@@ -105,6 +105,34 @@ def test_all_negatives_is_the_exact_softmax_over_real_items():
     assert torch.allclose(loss, F.cross_entropy(logits, label[keep]), atol=1e-5)
 
 
+@pytest.mark.parametrize("negatives", ["in_batch", "sampled", "mixed", "all"])
+def test_item_bias_adds_each_candidates_bias_to_every_score(negatives):
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    rows = torch.arange(4)
+    feats[0][rows, lengths - 1] = torch.tensor([4, 9, 11, 3])
+    plain = make_encoder(temperature=0.5, negatives=negatives, num_negatives=6)
+    enc = make_encoder(temperature=0.5, negatives=negatives, num_negatives=6, item_bias=True)
+    assert enc.label_bias.shape == (30,) and "label_bias" in enc.state_dict()
+    torch.manual_seed(1)
+    base = plain.next_event_loss(feats, lengths)[0]
+    torch.manual_seed(1)
+    assert torch.allclose(enc.next_event_loss(feats, lengths)[0], base, atol=1e-6)   # zero-initialised
+    with torch.no_grad():
+        enc.label_bias.copy_(torch.linspace(-2, 2, 30))
+    bias = torch.linspace(-2, 2, 30)
+    assert torch.allclose(enc.score_next(feats, lengths), plain.score_next(feats, lengths) + bias, atol=1e-5)
+    if negatives == "in_batch":                                         # the label's own bias enters its logit
+        history, hist_len, label = enc.split_history(feats, lengths)
+        u = F.normalize(enc(history, hist_len).embeddings, dim=-1)[:, 0]
+        logits = u @ F.normalize(enc.label_embeddings(label), dim=-1).t() / 0.5 + bias[label][None, :]
+        assert torch.allclose(enc.next_event_loss(feats, lengths)[0],
+                              F.cross_entropy(logits, torch.arange(4)), atol=1e-5)
+    torch.manual_seed(1)
+    loss = enc.next_event_loss(feats, lengths)[0]
+    loss.backward()
+    assert enc.label_bias.grad is not None and enc.label_bias.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("correct", [True, False])
 def test_mixed_negatives_match_hand_computation(correct):
     enc = make_encoder(temperature=0.5, negatives="mixed", num_negatives=5, logq_correction=correct)

@@ -10,9 +10,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from userllm.decoding import UserLLMStepper
 from userllm.integration import UserLLM, UserLLMConfig, apply_strategy
 from userllm.integration.layers import find_decoder_layers
-from userllm.utils.hf import enable_activation_checkpointing
+from userllm.utils.hf import IGNORE, enable_activation_checkpointing
+from userllm.integration.soft_prompt import prepend
 from userllm.integration.strategies import lora_target_modules, lora_target_parameters
-from userllm.integration.testing import (EDGE_FAMILIES, ToyEncoder, open_gates, sgd_steps, single_thread, tiny_llm,
+from userllm.integration.testing import (EDGE_FAMILIES, FAMILIES, ToyEncoder, open_gates, sgd_steps, single_thread, tiny_llm,
                                         toy_features)
 
 
@@ -130,3 +131,46 @@ def test_frozen_llm_keeps_activation_checkpointing():
     _, layers = find_decoder_layers(model.llm)
     assert all(isinstance(layer, GradientCheckpointingLayer) and layer.training for layer in layers)
     assert not any(m.training for layer in layers for m in layer.modules() if m is not layer)
+
+
+@pytest.mark.parametrize("family", FAMILIES + EDGE_FAMILIES)
+@pytest.mark.parametrize("integration", ["xattn", "softprompt"])
+def test_the_target_loss_equals_the_models_own_loss_and_gradients(family, integration):
+    """The training loss computes the output head from the first target column on only
+    (``forward_with_target_loss``); its loss and gradients are those of the model's own loss over every
+    position (targets at different columns, a row without any, padding), to float32 rounding (the two
+    compute the head over different row counts; an off-by-one target would differ by O(1))."""
+    model = make_model(family, integration)
+    if integration == "xattn":
+        open_gates(model, 0.5)
+    feats, lens = toy_features([4, 2, 3])
+    ids = torch.randint(3, 96, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 4:8], labels[1, 6:9] = ids[0, 4:8], ids[1, 6:9]                # row 2: no target
+    model.eval()                                                 # no dropout: the two passes see the same net
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, g_ours = loss_and_grads(lambda: model(ids, attention_mask=mask, features=feats, lengths=lens,
+                                                labels=labels).loss)
+    if integration == "softprompt":                              # the model's own loss over the whole prefix + text
+        def own():
+            ctx = model.prepare_user_context(feats, lens)
+            prefix, prefix_mask = model._prefix(ctx, 3)
+            embeds, m, lab, pos = prepend(prefix, prefix_mask, model.llm.get_input_embeddings()(ids), mask, labels)
+            return model.llm(inputs_embeds=embeds, attention_mask=m, position_ids=pos, labels=lab).loss
+    else:
+        def own():
+            with model.use_user_context(model.prepare_user_context(feats, lens)):
+                return model.llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref, g_ref = loss_and_grads(own)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=0), (float(ours), float(ref))
+    assert g_ours.keys() == g_ref.keys() and g_ours
+    for n in g_ref:
+        assert torch.allclose(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-7), n

@@ -9,7 +9,8 @@ followed by fusion layers that turn the event sequence into ``k`` user embedding
 Label tower: the label feature's embedding (the user tower's table, shared) -> MLP -> d_model.
 
 Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (multi-interest max; k = 1 is the
-plain cosine). Loss: softmax cross-entropy of the true next item against ``negatives="in_batch"``
+plain cosine), plus a learned per-item bias ``b_i`` with ``item_bias`` (the popularity prior that the AR
+encoder's softmax head has and a cosine cannot express: the cosine's range is the same for every item). Loss: softmax cross-entropy of the true next item against ``negatives="in_batch"``
 (the other rows' labels; copies of the row's own label are masked out), ``negatives="sampled"``
 (``num_negatives`` ids drawn uniformly from the vocabulary, shared by the batch, copies of the label
 masked), ``negatives="mixed"`` (mixed negative sampling, Yang et al. WWW 2020: the in-batch labels plus
@@ -52,7 +53,8 @@ class DualEncoderConfig(EncoderConfig):
     """EncoderConfig plus: num_user_embeddings (k), fusion, negatives, num_negatives, temperature,
     label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
     and mixed negatives only), targets ("last": one label per window, its last event; "all": every event
-    of the window after the first, see :meth:`DualEncoder.next_event_loss`)."""
+    of the window after the first, see :meth:`DualEncoder.next_event_loss`), item_bias (a learned bias
+    per label id added to every score)."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
@@ -62,6 +64,7 @@ class DualEncoderConfig(EncoderConfig):
     label_feature: str = "item"
     logq_correction: bool = True
     targets: str = "last"
+    item_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,6 +108,8 @@ class DualEncoder(nn.Module):
         self.fuse_mlp = _mlp(d, d)
         label_dim = self.features[self.label_index].dim
         self.label_mlp = _mlp(label_dim, d)
+        V = self.features[self.label_index].num_embeddings
+        self.label_bias = nn.Parameter(torch.zeros(V)) if config.item_bias else None
         # log p(label id) in the training stream, for the logQ correction (not saved: set from the data)
         self.register_buffer("label_log_q", torch.zeros(self.features[self.label_index].num_embeddings),
                              persistent=False)
@@ -161,6 +166,16 @@ class DualEncoder(nn.Module):
         u = F.normalize(user.float(), dim=-1)
         v = F.normalize(labels.float(), dim=-1)
         return torch.einsum("bkd,cd->bkc", u, v).amax(dim=1) / self.config.temperature
+
+    def bias(self, ids: torch.Tensor | None = None) -> torch.Tensor | float:
+        """float32 [C]: the per-item bias of ids [C] (of every id when None); 0.0 without ``item_bias``."""
+        if self.label_bias is None:
+            return 0.0
+        return (self.label_bias if ids is None else self.label_bias[ids]).float()
+
+    def logits(self, user: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """user [B, k, d], ids [C] (None: every id) -> float32 [B, C]: :meth:`scores` plus :meth:`bias`."""
+        return self.scores(user, self.label_embeddings(ids)) + self.bias(ids)
 
     def split_history(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
                       ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -222,7 +237,7 @@ class DualEncoder(nn.Module):
         """Softmax cross-entropy of label [B] (real ids) for user embeddings [B, k, d] against the
         ``negatives`` candidates (module docstring)."""
         if self.config.negatives == "in_batch":
-            logits = self.scores(user, self.label_embeddings(label))          # [B, B]
+            logits = self.logits(user, label)                                 # [B, B]
             if self.config.logq_correction:
                 logits = logits - self.label_log_q[label][None, :]            # column j: candidate label j
             same = label[:, None] == label[None, :]
@@ -234,7 +249,7 @@ class DualEncoder(nn.Module):
             B, n = len(label), self.config.num_negatives
             neg = torch.randint(1, max(V, 2), (n,), device=label.device)   # uniform over real ids
             cand = torch.cat([label, neg])                                   # [B + n]
-            logits = self.scores(user, self.label_embeddings(cand))          # [B, B + n]
+            logits = self.logits(user, cand)                                  # [B, B + n]
             if self.config.logq_correction:
                 expected = B * self.label_log_q[cand].double().exp() + n / max(V - 1, 1)
                 logits = logits - expected.log().float()[None, :]
@@ -243,7 +258,7 @@ class DualEncoder(nn.Module):
             own[target, target] = True
             logits = logits.masked_fill((cand[None, :] == label[:, None]) & ~own, float("-inf"))
         elif self.config.negatives == "all":
-            logits = self.scores(user, self.label_embeddings())              # [B, V]
+            logits = self.logits(user)                                        # [B, V]
             logits[:, 0] = float("-inf")                                     # UNK is never a candidate
             target = label
         else:
@@ -253,8 +268,8 @@ class DualEncoder(nn.Module):
             neg = torch.randint(1, max(V, 2), (self.config.num_negatives,), device=label.device)
             u = F.normalize(user.float(), dim=-1)
             v = F.normalize(self.label_embeddings(label).float(), dim=-1)
-            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) / self.config.temperature   # [B]
-            neg_s = self.scores(user, self.label_embeddings(neg))             # [B, n]
+            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) / self.config.temperature + self.bias(label)
+            neg_s = self.logits(user, neg)                                    # [B, n]
             neg_s = neg_s.masked_fill(neg[None, :] == label[:, None], float("-inf"))
             logits = torch.cat([pos[:, None], neg_s], dim=1)
             target = torch.zeros(len(label), dtype=torch.long, device=label.device)
@@ -268,4 +283,4 @@ class DualEncoder(nn.Module):
         if feature is not None and feature != self.config.label_feature:
             raise ValueError(f"the dual encoder scores only its label feature {self.config.label_feature!r}")
         user = self.forward(features, lengths).embeddings
-        return self.scores(user, self.label_embeddings())
+        return self.logits(user)

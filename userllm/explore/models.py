@@ -35,11 +35,11 @@ from ..data.loader import EpochBatchSampler
 from ..decoding import UserLLMStepper, left_pad
 from ..text_prompt import target_text
 from ..loop import cosine_with_warmup, optimizer_step, train_loop
+from ..utils.hf import IGNORE
 from .clusters import recent_clusters
 from .pairs import draw_pairs, negative_weight, pair_metrics
 from .sampling import constrained_sample, user_trie
 
-IGNORE = -100
 YES, NO = "yes", "no"
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from userllm.utils.hf import forward_with_target_loss
+
 
 class TextPromptModel(nn.Module):
     """The TextPrompt baseline: ``llm`` (a Hugging Face causal LM) reading the history as text."""
@@ -24,7 +26,9 @@ class TextPromptModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs):
-        return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        if labels is None:
+            return self.llm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return forward_with_target_loss(self.llm, labels, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
         """The LLM's Hugging Face ``generate``."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from userllm.utils.hf import cache_kwargs, cached_tokens, is_empty, step_mask
+from userllm.utils.hf import cache_kwargs, cached_tokens, forward_with_target_loss, is_empty, step_mask
 
 from .cross_attention import CrossAttentionHook, GatedCrossAttentionBlock, attach_cross_attention
 from .layers import (UserContext, UserProjection, find_decoder_layers, lengths_from_mask, llm_hidden_size,
@@ -309,7 +309,8 @@ class UserLLM(nn.Module):
                 user_context: UserContext | None = None, features: list[torch.Tensor] | None = None,
                 lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool = False, inputs_embeds: torch.Tensor | None = None, **llm_kwargs):
-        """The LLM's output (``loss`` when ``labels``, ``logits`` [B, T, V] aligned with the text tokens).
+        """The LLM's output: ``logits`` [B, T, V] aligned with the text tokens; with ``labels``, ``loss`` and the
+        logits of the positions from the first target on only (:func:`~userllm.utils.hf.forward_with_target_loss`).
 
         The user side comes from ``user_context`` (see :meth:`prepare_user_context`) or is computed from
         ``features``/``lengths``; with neither, the LLM runs without users (xattn blocks are skipped; the
@@ -324,9 +325,12 @@ class UserLLM(nn.Module):
         if keep:
             check_checkpointing(self.llm)
         with self.use_user_context(ctx, keep=keep):
-            return self.llm(input_ids=input_ids, attention_mask=step_mask(past_key_values, attention_mask),
-                            labels=labels, use_cache=use_cache,
-                            inputs_embeds=inputs_embeds, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
+            kwargs = dict(input_ids=input_ids, attention_mask=step_mask(past_key_values, attention_mask),
+                          use_cache=use_cache, inputs_embeds=inputs_embeds,
+                          **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
+            if labels is None:
+                return self.llm(**kwargs)
+            return forward_with_target_loss(self.llm, labels, **kwargs)
 
     def _prefix(self, ctx: UserContext | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx is not None and ctx.batch_size != batch:
@@ -370,9 +374,11 @@ class UserLLM(nn.Module):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} text tokens; expected "
                                  f"{past - S + T} (cache {past} incl. a {S}-token prefix, plus {T} new)")
             position_ids = position_ids_from_mask(mask)[:, -T:]
-        out = self.llm(inputs_embeds=embeds, attention_mask=step_mask(past_key_values, mask), position_ids=position_ids,
-                       labels=labels,
-                       use_cache=use_cache, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
+        kwargs = dict(inputs_embeds=embeds, attention_mask=step_mask(past_key_values, mask), position_ids=position_ids,
+                      use_cache=use_cache, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
+        if labels is not None:                 # the loss; logits of the target positions only
+            return forward_with_target_loss(self.llm, labels, **kwargs)
+        out = self.llm(**kwargs)
         if past == 0 and getattr(out, "logits", None) is not None and out.logits.shape[1] == S + T:
             out.logits = out.logits[:, S:]
         return out
