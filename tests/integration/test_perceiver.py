@@ -69,7 +69,4 @@ def test_perceiver_inside_userllm(integration):
     assert model.num_prefix_tokens(50) == (0 if integration == "xattn" else 4 + 2)
     ids = torch.randint(3, 96, (3, 5))
     out = model(ids, features=feats, lengths=lens, labels=ids)
-    # with labels, logits from the position before the first target on (the soft prompt's last one predicts
-    # text token 0); without, aligned with the text tokens
-    assert out.logits.shape == (3, 5 + (integration == "softprompt"), 96) and torch.isfinite(out.loss)
-    assert model(ids, features=feats, lengths=lens).logits.shape == (3, 5, 96)
+    assert out.logits.shape == (3, 5, 96) and torch.isfinite(out.loss)

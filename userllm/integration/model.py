@@ -310,7 +310,8 @@ class UserLLM(nn.Module):
                 lengths: torch.Tensor | None = None, labels: torch.Tensor | None = None, past_key_values=None,
                 use_cache: bool = False, inputs_embeds: torch.Tensor | None = None, **llm_kwargs):
         """The LLM's output: ``logits`` [B, T, V] aligned with the text tokens; with ``labels``, ``loss`` and the
-        logits of the positions from the first target on only (:func:`~userllm.utils.hf.forward_with_target_loss`).
+        logits of the last K <= T text positions only, those from the one before the first target on
+        (:func:`~userllm.utils.hf.forward_with_target_loss`).
 
         The user side comes from ``user_context`` (see :meth:`prepare_user_context`) or is computed from
         ``features``/``lengths``; with neither, the LLM runs without users (xattn blocks are skipped; the
@@ -376,8 +377,10 @@ class UserLLM(nn.Module):
             position_ids = position_ids_from_mask(mask)[:, -T:]
         kwargs = dict(inputs_embeds=embeds, attention_mask=step_mask(past_key_values, mask), position_ids=position_ids,
                       use_cache=use_cache, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
-        if labels is not None:                 # the loss; logits of the target positions only
-            return forward_with_target_loss(self.llm, labels, **kwargs)
+        if labels is not None:                 # the loss; logits of the last positions only, within the text
+            out = forward_with_target_loss(self.llm, labels, **kwargs)
+            out.logits = out.logits[:, -T:]
+            return out
         out = self.llm(**kwargs)
         if past == 0 and getattr(out, "logits", None) is not None and out.logits.shape[1] == S + T:
             out.logits = out.logits[:, S:]
