@@ -1,0 +1,48 @@
+"""Which of the encoder's candidates the User-LLM's beams hold (issue 14's readout runs).
+
+    python benchmarks/beam_agreement.py RUN_DIR [--users 200] [--ranks 0,1,2,4,9]
+
+For each rank r (0 = the encoder's first), the share of test users whose LLM beam search (the run's own
+constrained decoder and beam width) has the encoder's r-th next-item candidate among its 10 beams: the
+Recall@10 of the beams with that candidate as the label. The encoder is the run's own (``score_next``
+after each test window; UNK never a candidate). Prints one JSON line {rank: share}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from userllm.data.examples import collate, make_examples
+from userllm.evaluation import eval_subset, generate_and_score
+from userllm.factory import load_run
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--users", type=int, default=200, help="first N test users of the evaluation subset")
+    ap.add_argument("--ranks", default="0,1,2,4,9", help="encoder ranks, 0-based, comma-separated")
+    a = ap.parse_args(argv)
+    run = load_run(a.run_dir, threads=1)
+    ranks = [int(r) for r in a.ranks.split(",")]
+    ex = eval_subset(make_examples(run.ds, run.cfg.task, run.cfg.window, "test"), a.users)
+    batch = collate(run.ds, ex, np.arange(len(ex.labels)))
+    with torch.no_grad():
+        scores = run.model.encoder.score_next(batch.features, batch.lengths).float()
+    scores[:, 0] = float("-inf")
+    top = scores.topk(max(ranks) + 1, dim=-1).indices.numpy()
+    out = {}
+    for r in ranks:
+        m = generate_and_score(run.model, run.batcher, run.ds, replace(ex, labels=top[:, r]),
+                               beams=run.cfg.beams, device=run.device, amp=run.amp, disable_progress=True)
+        out[r] = round(float(m["recall@10"]), 4)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
