@@ -30,6 +30,8 @@ import torch.nn as nn
 from userllm.errors import UserError
 from userllm.utils.atomic import write_json
 
+from userllm.utils.hf import first_target, forward_with_target_loss
+
 from .flops import ComponentFlopCounter, FlopBreakdown, PassShape, analytic_generation, analytic_userllm, flops_summary
 from .flops import model_components
 from .measure import PROFILE_FILE, SCHEMA, environment, measure, profile_training_step, write_profile
@@ -145,13 +147,14 @@ def run_configuration(cfg: CompareConfig, ds, tok, model: nn.Module, method: str
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     kw = train.model_inputs()
 
-    def step():
-        loss = model(**kw, labels=train.labels).loss
+    def step():     # the training loss as userllm.train computes it (TextPromptModel for the plain LLM)
+        loss = forward_with_target_loss(model, train.labels, **kw).loss if method == "textprompt" else \
+            model(**kw, labels=train.labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    analytic_train = analytic_userllm(model, PassShape(B, T, L), phase="train")
+    analytic_train = analytic_userllm(model, PassShape(B, T, L), phase="train", head_from=first_target(train.labels))
     n_tokens = int(train.attention_mask.sum())
     train_section = profile_training_step(step, model, device=device, steps=cfg.steps, tokens_per_step=n_tokens,
                                           analytic=analytic_train, sampler_interval_s=cfg.sampler_interval_s)

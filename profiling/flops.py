@@ -37,6 +37,8 @@ import torch.nn as nn
 from torch.utils import flop_counter as _fc
 from torch.utils.flop_counter import FlopCounterMode
 
+from userllm.utils.hf import kept_positions, keeps_logits
+
 aten = torch.ops.aten
 
 OTHER = "other"               # ops outside every registered component (loss, glue code)
@@ -446,7 +448,8 @@ def _perceiver_forward(p: nn.Module, batch: int, n_events: int) -> tuple[int, in
 
 
 def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forward", user_side: bool = True,
-                     cache_kv: bool = True, last_logits_only: bool = False) -> FlopBreakdown:
+                     cache_kv: bool = True, last_logits_only: bool = False,
+                     head_from: int | None = None) -> FlopBreakdown:
     """Analytic FLOPs per component of one pass of a UserLLM (or of a plain HF LLM: TextPrompt).
 
     phase: "forward" (prefill/inference), "train" (forward + backward, every parameter trainable), or
@@ -454,6 +457,9 @@ def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forwar
     prefill, so only the cross-attention queries run — plus the K/V projections when not ``cache_kv``).
     user_side: run the encoder/projection/Perceiver/K-V projections in this pass (prefill, training).
     last_logits_only: the LM head runs on the last position only (what HF ``generate`` does at prefill).
+    head_from: a training pass's first target column of the text (``userllm.utils.hf.first_target`` of its
+    labels): the LM head then runs from the position before it on, as the training loss computes it
+    (``forward_with_target_loss``, for LLMs that take ``logits_to_keep``); None: on every position.
     The reference attention ops (Perceiver, cross-attention) are plain matmuls: backward 2x; the LLM's
     SDPA backward is 2.5x (recomputed scores), see :class:`TransformerShape`.
     """
@@ -504,8 +510,13 @@ def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forwar
     ctx = shape.past + T if phase == "decode" else q_len
     llm_lin = llm_shape.linear_forward(B, q_len)
     head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
-    if last_logits_only and isinstance(head, nn.Linear):
-        llm_lin -= linear_flops(B * (q_len - 1), head.in_features, head.out_features)
+    head_rows = q_len
+    if last_logits_only:
+        head_rows = 1
+    elif head_from is not None and phase != "decode" and keeps_logits(llm):
+        head_rows = kept_positions(q_len, prefix + head_from)
+    if head_rows < q_len and isinstance(head, nn.Linear):
+        llm_lin -= linear_flops(B * (q_len - head_rows), head.in_features, head.out_features)
     add("llm", llm_lin, llm_shape.attention_forward(B, q_len, ctx), 2.5 if llm_shape.fused_attention else 2.0)
     return FlopBreakdown(out)
 

@@ -50,6 +50,8 @@ class TrainProfiler:
 
     def first_step(self, model: nn.Module, step_fn, lb, batcher, events) -> None:
         """Run ``step_fn`` (one real training step on ``lb``) counting its FLOPs per component."""
+        from userllm.utils.hf import first_target
+
         from .flops import PassShape, analytic_userllm
         from .measure import profile_training_step
         from .tokens import TokenCount, summarize
@@ -58,7 +60,8 @@ class TrainProfiler:
         L = int(lb.events.features[0].shape[1]) if lb.events is not None else 0
         target = model.llm if model.encoder is None else model
         self.train_step = profile_training_step(step_fn, target, device=self.device, steps=0,
-                                                analytic=analytic_userllm(target, PassShape(B, T, L), phase="train"))
+                                                analytic=analytic_userllm(target, PassShape(B, T, L), phase="train",
+                                                                          head_from=first_target(lb.labels)))
         self.shape = {"batch": B, "text_len": T, "n_events": L}
         # LLM context per example at inference: BOS + prompt (+ soft-prompt positions), as the model sees it.
         prompt = batcher.prompt_batch(events)

@@ -114,7 +114,7 @@ def test_profile_training_step_counts_one_step_and_times_the_rest():
         calls.append(1)
         model(input_ids=ids, features=feats, lengths=lens, labels=ids).loss.backward()
 
-    a = analytic_userllm(model, PassShape(2, 4, 3), phase="train")
+    a = analytic_userllm(model, PassShape(2, 4, 3), phase="train", head_from=0)     # labels from column 0
     sec = compare.profile_training_step(step, model, steps=2, tokens_per_step=8, analytic=a)
     assert len(calls) == 3
     meas = sec["flops"]["measured"]

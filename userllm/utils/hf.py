@@ -107,6 +107,23 @@ def _keeps_logits(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (the output head on the last positions only)."""
+    return _keeps_logits(type(model))
+
+
+def first_target(labels: torch.Tensor) -> int | None:
+    """The first column of ``labels`` (int64 [B, T]) holding a target in any row, or None (one host sync)."""
+    cols = (labels != IGNORE).any(0).nonzero()
+    return int(cols[0]) if len(cols) else None
+
+
+def kept_positions(seq_len: int, first: int | None) -> int:
+    """How many last positions of a ``seq_len``-token sequence the output head must cover when the first
+    target is at column ``first`` (None: no target, all): the one before it on, at most all, at least 1."""
+    return seq_len if first is None else min(seq_len, max(1, seq_len - first + 1))
+
+
 def forward_with_target_loss(model: nn.Module, labels: torch.Tensor, **kwargs: Any):
     """``model(**kwargs)`` with the causal-LM loss of ``labels`` (int64 [B, T], :data:`IGNORE` outside the
     targets; the label at t is predicted from position t - 1), computing the output head only from the
@@ -119,11 +136,9 @@ def forward_with_target_loss(model: nn.Module, labels: torch.Tensor, **kwargs: A
     ``loss`` set and ``logits`` of the last K positions only ([B, K, V]; K = T - first target column + 1).
     """
     T = labels.shape[1]
-    if not _keeps_logits(type(model)) or T < 2:
+    if not keeps_logits(model) or T < 2:
         return model(labels=labels, **kwargs)
-    cols = (labels != IGNORE).any(0).nonzero()                     # one host sync per training step
-    first = int(cols[0]) if len(cols) else T
-    keep = min(T, max(1, T - first + 1))
+    keep = kept_positions(T, first_target(labels))                # one host sync per training step
     out = model(logits_to_keep=keep, **kwargs)
     logits = out.logits                                            # [B, keep, V]: positions T - keep .. T - 1
     shifted = F.pad(labels[:, T - keep + 1:], (0, 1), value=IGNORE)  # the label each kept position predicts
