@@ -113,60 +113,60 @@ def test_distilled_model_reads_the_user(tmp_path, cache):
     assert m["train"]["distill_steps"] == 150
 
 
+@dataclass
+class _Events:
+    labels: torch.Tensor
+
+
+@dataclass
+class _ProfileTeacher:
+    """A stand-in teacher: the same scores for every row, ``profile`` {item id: score} over a ``floor``."""
+    seed: int
+    num_items: int
+    profile: dict
+    floor: float
+
+    def scores(self, events):
+        s = torch.full((events.labels.shape[0], self.num_items), self.floor)
+        for item, score in self.profile.items():
+            s[:, item] = score
+        return s
+
+
 def test_caption_items_are_real_and_the_label_follows_the_teachers_score_profile():
-    class Teacher:                                   # scores: the same sharp profile for every row
-        seed = 3
-
-        def scores(self, events):
-            s = torch.full((events.labels.shape[0], 50), -20.0)
-            s[:, 5], s[:, 6], s[:, 7] = 10.0, 8.0, 0.0
-            return s
-
-    @dataclass
-    class Events:
-        labels: torch.Tensor
+    teacher = _ProfileTeacher(seed=3, num_items=50, profile={5: 10.0, 6: 8.0, 7: 0.0}, floor=-20.0)   # sharp
 
     def relabel(stage, step):
-        return stage.relabel(Events(torch.zeros(400, dtype=torch.int64)), step)
+        return stage.relabel(_Events(torch.zeros(400, dtype=torch.int64)), step)
 
-    stage = CaptionStage(Teacher(), k=3, replaced=3, temperature=1.0, num_items=50)
+    stage = CaptionStage(teacher, k=3, replaced=3, temperature=1.0, num_items=50)
     ev, items = relabel(stage, 5)
-    ev2, items2 = relabel(CaptionStage(Teacher(), k=3, replaced=3, temperature=1.0, num_items=50), 5)
+    ev2, items2 = relabel(CaptionStage(teacher, k=3, replaced=3, temperature=1.0, num_items=50), 5)
     assert torch.equal(items, items2) and torch.equal(ev.labels, ev2.labels)     # a function of (seed, step)
     assert items.shape == (400, 3) and items.dtype == torch.int64 and int(items.min()) >= 1
     assert int(items.max()) <= 49 and not torch.equal(items, relabel(stage, 6)[1])
     place = (items == ev.labels[:, None]).float().argmax(1)
     share = torch.bincount(place, minlength=3).float() / 400                      # softmax(10, 8, 0) = .88, .12, 0
     assert 0.8 < float(share[0]) < 0.95 and float(share[2]) < 0.01
-    ev0, items0 = relabel(CaptionStage(Teacher(), k=3, replaced=3, temperature=0.0, num_items=50), 5)
+    ev0, items0 = relabel(CaptionStage(teacher, k=3, replaced=3, temperature=0.0, num_items=50), 5)
     assert torch.equal(ev0.labels, items0[:, 0])                                  # temperature 0: always place 0
-    ev1, items1 = relabel(CaptionStage(Teacher(), k=3, replaced=1, temperature=1.0, num_items=50), 5)
+    ev1, items1 = relabel(CaptionStage(teacher, k=3, replaced=1, temperature=1.0, num_items=50), 5)
     assert items1.shape == (400, 1)                                 # places 1, 2 keep the encoder's items 6, 7
     real = ev1.labels != items1[:, 0]
     assert set(ev1.labels[real].tolist()) <= {6, 7} and 0.05 < float(real.float().mean()) < 0.2
 
 
 def test_the_caption_temperature_goes_linearly_from_first_to_last_step():
-    class Teacher:
-        seed = 0
-
-        def scores(self, events):                    # places 0, 1, 2 at 2, 1, 0: sharp at T 0.1, flat at T 5
-            s = torch.full((events.labels.shape[0], 20), -30.0)
-            s[:, 3], s[:, 4], s[:, 5] = 2.0, 1.0, 0.0
-            return s
-
-    @dataclass
-    class Events:
-        labels: torch.Tensor
-
-    stage = CaptionStage(Teacher(), k=3, replaced=3, temperature=0.1, num_items=20, temperature_end=5.0, steps=11)
+    # places 0, 1, 2 at scores 2, 1, 0: sharp at T 0.1, flat at T 5
+    teacher = _ProfileTeacher(seed=0, num_items=20, profile={3: 2.0, 4: 1.0, 5: 0.0}, floor=-30.0)
+    stage = CaptionStage(teacher, k=3, replaced=3, temperature=0.1, num_items=20, temperature_end=5.0, steps=11)
     assert [stage.temperature_at(s) for s in (0, 5, 10, 99)] == pytest.approx([0.1, 2.55, 5.0, 5.0])
     first = []
     for step in (0, 10):
-        ev, items = stage.relabel(Events(torch.zeros(2000, dtype=torch.int64)), step)
+        ev, items = stage.relabel(_Events(torch.zeros(2000, dtype=torch.int64)), step)
         first.append(float((ev.labels == items[:, 0]).float().mean()))
     assert first[0] > 0.99 and 0.3 < first[1] < 0.45, first           # softmax((2, 1, 0) / 5)[0] = 0.40
-    const = CaptionStage(Teacher(), k=3, replaced=3, temperature=0.7, num_items=20, steps=11)
+    const = CaptionStage(teacher, k=3, replaced=3, temperature=0.7, num_items=20, steps=11)
     assert const.temperature_at(0) == const.temperature_at(10) == 0.7
     cfg = TrainConfig(caption_steps=10, readout_tokens=3, distill_temperature=0.3)
     assert cfg.caption_temperatures == (0.3, 0.3)

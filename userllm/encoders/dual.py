@@ -111,8 +111,7 @@ class DualEncoder(nn.Module):
         V = self.features[self.label_index].num_embeddings
         self.label_bias = nn.Parameter(torch.zeros(V)) if config.item_bias else None
         # log p(label id) in the training stream, for the logQ correction (not saved: set from the data)
-        self.register_buffer("label_log_q", torch.zeros(self.features[self.label_index].num_embeddings),
-                             persistent=False)
+        self.register_buffer("label_log_q", torch.zeros(V), persistent=False)
         init_linear_weights(self)
 
     @property

@@ -26,8 +26,6 @@ class TextPromptModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs):
-        if labels is None:
-            return self.llm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return forward_with_target_loss(self.llm, labels, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):

@@ -326,12 +326,10 @@ class UserLLM(nn.Module):
         if keep:
             check_checkpointing(self.llm)
         with self.use_user_context(ctx, keep=keep):
-            kwargs = dict(input_ids=input_ids, attention_mask=step_mask(past_key_values, attention_mask),
-                          use_cache=use_cache, inputs_embeds=inputs_embeds,
-                          **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
-            if labels is None:
-                return self.llm(**kwargs)
-            return forward_with_target_loss(self.llm, labels, **kwargs)
+            return forward_with_target_loss(self.llm, labels, input_ids=input_ids,
+                                            attention_mask=step_mask(past_key_values, attention_mask),
+                                            use_cache=use_cache, inputs_embeds=inputs_embeds,
+                                            **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
 
     def _prefix(self, ctx: UserContext | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx is not None and ctx.batch_size != batch:
@@ -375,15 +373,13 @@ class UserLLM(nn.Module):
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} text tokens; expected "
                                  f"{past - S + T} (cache {past} incl. a {S}-token prefix, plus {T} new)")
             position_ids = position_ids_from_mask(mask)[:, -T:]
-        kwargs = dict(inputs_embeds=embeds, attention_mask=step_mask(past_key_values, mask), position_ids=position_ids,
-                      use_cache=use_cache, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
-        if labels is not None:                 # the loss; logits of the last positions only, within the text
-            out = forward_with_target_loss(self.llm, labels, **kwargs)
+        out = forward_with_target_loss(self.llm, labels, inputs_embeds=embeds,
+                                       attention_mask=step_mask(past_key_values, mask), position_ids=position_ids,
+                                       use_cache=use_cache, **cache_kwargs(self.llm, past_key_values), **llm_kwargs)
+        # the text's positions only: the prefix's (all S without labels; its last one with labels from text
+        # column 0) are not returned
+        if past == 0 and getattr(out, "logits", None) is not None and out.logits.shape[1] > T:
             out.logits = out.logits[:, -T:]
-            return out
-        out = self.llm(**kwargs)
-        if past == 0 and getattr(out, "logits", None) is not None and out.logits.shape[1] == S + T:
-            out.logits = out.logits[:, S:]
         return out
 
     # ------------------------------------------------------------------------------- generation

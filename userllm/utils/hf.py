@@ -124,17 +124,20 @@ def kept_positions(seq_len: int, first: int | None) -> int:
     return seq_len if first is None else min(seq_len, max(1, seq_len - first + 1))
 
 
-def forward_with_target_loss(model: nn.Module, labels: torch.Tensor, **kwargs: Any):
+def forward_with_target_loss(model: nn.Module, labels: torch.Tensor | None, **kwargs: Any):
     """``model(**kwargs)`` with the causal-LM loss of ``labels`` (int64 [B, T], :data:`IGNORE` outside the
     targets; the label at t is predicted from position t - 1), computing the output head only from the
     first target column on, when the model's ``forward`` takes ``logits_to_keep`` (Llama, Mistral, Qwen,
-    Gemma, ... in transformers 5.x); others get ``labels`` and compute their loss as before.
+    Gemma, ... in transformers 5.x); others get ``labels`` and compute their loss as before. ``labels``
+    None: the plain forward (every position's logits, no loss).
 
     Why: the head and its log-softmax over the vocabulary were ~14% of a training step of the main job
     (2 layers, width 128, 992 tokens, B 64 x T 21), and the NextItem prompt precedes the title. The loss
     is HF's: the float32 cross-entropy averaged over the target tokens. Returns the model's output with
     ``loss`` set and ``logits`` of the last K positions only ([B, K, V]; K = T - first target column + 1).
     """
+    if labels is None:
+        return model(**kwargs)
     T = labels.shape[1]
     if not keeps_logits(model) or T < 2:
         return model(labels=labels, **kwargs)
