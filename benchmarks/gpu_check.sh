@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md in one command, from the repository root:
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR            # a CUDA machine: <= 8 minutes in all (budget below)
+#   bash benchmarks/gpu_check.sh OUT_DIR            # a CUDA machine: <= 9 minutes in all (budget below)
 #   bash benchmarks/gpu_check.sh OUT_DIR --tiny     # any machine, CPU: every stage at toy size (CI, ~1 min)
 #
 # Stages, in order, each under a time limit cut to what is left of the budget (USERLLM_GPU_CHECK_BUDGET_S,
-# default 470 s, so the whole command stays under 8 minutes even when a stage hangs):
+# default 540 s, so the whole command stays under 9 minutes even when a stage hangs):
 #   build    the native ops (CMake + nvcc for this GPU's architecture; --tiny: configure only, CPU) <= 120 s
 #   tests    the compiled Triton kernels, the native CUDA op (tests/kernels/test_native_cuda.py: 16-byte
 #            and scalar paths) and the fused training step against the reference, and --compile
-#            against eager (the ahead-of-time SASS checks, compile_check / cuda_check, are skipped:
-#            they need no GPU and run in CI)                                                     <= 120 s
+#            against eager (the ahead-of-time SASS checks, compile_check / cuda_check, and the --tiny
+#            self-test are skipped: they need no GPU and run in CI). Triton compiles every kernel
+#            variant on first use: 120 s ran out after 57 of ~110 tests on an H200 (2026-12-04)  <= 240 s
 #   kernels  benchmarks/test_kernels.py: fused ops vs eager, torch.compile, SDPA, the embedding_bag
 #            peer and its compile, the native CUDA embedding_concat (USERLLM_NATIVE_LIB = the
 #            library just built), flash-attn when installed; interleaved rounds                 <= 150 s
@@ -26,7 +27,7 @@ TINY=0
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-BUDGET=${USERLLM_GPU_CHECK_BUDGET_S:-470}
+BUDGET=${USERLLM_GPU_CHECK_BUDGET_S:-540}
 START=$SECONDS
 : > "$OUT/stages.tsv"
 status=0
@@ -97,8 +98,10 @@ if (( TINY )); then
   stage e2e 150 python3 -m pytest -q -p no:cacheprovider "${BENCH[@]}" --benchmark-json="$OUT/e2e.json" \
     benchmarks/test_end_to_end.py benchmarks/test_compile.py -k "training_step_kernels and auto or compile_training"
 else
-  stage tests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels tests/integration/test_fused_training_step.py \
-    tests/integration/test_compile.py --ignore=tests/kernels/test_compile_check.py --ignore=tests/kernels/test_cuda_check.py
+  # -v: a stage cut by its time limit prints no summary, so each test's line names what failed
+  stage tests 240 python3 -m pytest -v -p no:cacheprovider -rs tests/kernels tests/integration/test_fused_training_step.py \
+    tests/integration/test_compile.py --ignore=tests/kernels/test_compile_check.py --ignore=tests/kernels/test_cuda_check.py \
+    --ignore=tests/kernels/test_gpu_check.py
   stage kernels 150 python3 -m pytest -q -p no:cacheprovider "${BENCH[@]}" --benchmark-json="$OUT/kernels.json" \
     benchmarks/test_kernels.py
   stage e2e 150 python3 -m pytest -q -p no:cacheprovider "${BENCH[@]}" --benchmark-json="$OUT/e2e.json" \
