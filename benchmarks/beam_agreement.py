@@ -1,6 +1,6 @@
 """Which of the encoder's candidates the User-LLM's beams hold (issue 14's readout runs).
 
-    python benchmarks/beam_agreement.py RUN_DIR [--users 200] [--ranks 0,1,2,4,9]
+    python benchmarks/beam_agreement.py RUN_DIR [--users 200] [--ranks 0,1,2,4,9] [--prior-weight W]
 
 For each rank r (0 = the encoder's first), the share of test users whose LLM beam search (the run's own
 constrained decoder and beam width) has the encoder's r-th next-item candidate among its 10 beams: the
@@ -27,6 +27,8 @@ def main(argv=None) -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--users", type=int, default=200, help="first N test users of the evaluation subset")
     ap.add_argument("--ranks", default="0,1,2,4,9", help="encoder ranks, 0-based, comma-separated")
+    ap.add_argument("--prior-weight", type=float, default=None,
+                    help="the decoder's W in log p(title | user) - W log p(title | no history) (default: the run's)")
     a = ap.parse_args(argv)
     run = load_run(a.run_dir, threads=1)
     ranks = [int(r) for r in a.ranks.split(",")]
@@ -39,7 +41,8 @@ def main(argv=None) -> None:
     out = {}
     for r in ranks:
         m = generate_and_score(run.model, run.batcher, run.ds, replace(ex, labels=top[:, r]),
-                               beams=run.cfg.beams, device=run.device, amp=run.amp, disable_progress=True)
+                               beams=run.cfg.beams, device=run.device, amp=run.amp, disable_progress=True,
+                               prior_weight=run.cfg.prior_weight if a.prior_weight is None else a.prior_weight)
         out[r] = round(float(m["recall@10"]), 4)
     print(json.dumps(out))
 

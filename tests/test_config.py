@@ -56,6 +56,12 @@ def test_round_trip_through_dict():
     (["--text-events", "30", "--window", "10"], "--text-events"),
     (["--dataset", "movielens"], "--data-path"),
     (["--stepz", "3"], "--stepz"),
+    (["--prior-weight", "1.5"], "--prior-weight"),
+    (["--prior-weight", "0.5", "--baseline", "textprompt"], "--prior-weight"),
+    (["--prior-weight", "0.5", "--integration", "softprompt"], "--prior-weight"),
+    (["--prior-weight", "0.5", "--task", "reviewg"], "--prior-weight"),
+    (["--freeze-encoder", "--strategy", "proj"], "--freeze-encoder"),
+    (["--freeze-encoder", "--baseline", "textprompt"], "--freeze-encoder"),
 ])
 def test_bad_cli_values_name_the_key(argv, key):
     with pytest.raises(UserError, match=key):

@@ -72,6 +72,33 @@ def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path
     full = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=7)
     for k in (1, 5, 10):
         assert full[f"recall@{k}"] == pytest.approx(beams[f"recall@{k}"]), k
+    # The contrastive score log p(title | user) - W log p(title | no history): also exact with every beam.
+    beams = generate_and_score(r.model, r.batcher, r.ds, ex, beams=n, disable_progress=True, prior_weight=0.7)
+    full_w = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=7, prior_weight=0.7)
+    for k in (1, 5, 10):
+        assert full_w[f"recall@{k}"] == pytest.approx(beams[f"recall@{k}"]), k
+    assert beams["prior_weight"] == 0.7
+    # Entry by entry: the beam search's scores are the exhaustive contrastive scores, in the same order.
+    import torch
+
+    from userllm.data.examples import collate
+    from userllm.decoding import ContrastiveStepper, constrained_beam_search
+    from userllm.diagnostics import catalogue_log_likelihoods
+
+    first = ex.subset(np.arange(2))
+    pb = r.batcher.prompt_batch(collate(r.ds, first, np.arange(2)))
+    stepper = ContrastiveStepper(r.model, 0.7)
+    logits, past = stepper.prefill(pb.input_ids, pb.attention_mask, pb.events.features, pb.events.lengths)
+    out = constrained_beam_search(stepper, logits, past, r.batcher.catalogue.trie(r.batcher.tok), num_beams=n,
+                                  log_scores=True)
+    own = catalogue_log_likelihoods(r.model, r.batcher, r.ds, first, chunk=7)
+    none = catalogue_log_likelihoods(r.model, r.batcher, r.ds, first, chunk=7, no_history=True)
+    want = own - 0.7 * none
+    assert not torch.allclose(own, none)  # the user context changes the scores, so the test can tell
+    for b in range(2):
+        order = torch.argsort(want[b], descending=True)
+        assert out.entries[b][:5] == order[:5].tolist()
+        assert out.scores[b][:5] == pytest.approx(want[b, order[:5]].tolist(), abs=1e-4)
     diagnostics_main([str(run), "--users", "3", "--threads", "1"])
     out = json.loads((run / "diagnostics.json").read_text())
     assert out["users"] == 3 and set(out) >= {"beam_search", "likelihood_ranking", "encoder"}

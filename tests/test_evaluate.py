@@ -95,6 +95,13 @@ def test_evaluate_cli_rescores_the_checkpoint_exactly(tmp_path, cache, capsys, r
     assert again["test"]["loss"] == pytest.approx(trained["test"]["loss"], rel=1e-5)
     assert again["test"]["samples"] == trained["test"]["samples"]
     assert "recall@1" in printed and trained["model"] in printed
+    if not over:  # the contrastive decoding of a finished run (issue 14), and its refusal for TextPrompt
+        assert run_cli(evaluate_main, [str(out), "--prior-weight", "0.5"]) == 0
+        assert "0.5 log p(title | no history)" in capsys.readouterr().out
+        assert json.loads((out / "eval.json").read_text())["test"]["prior_weight"] == 0.5
+    elif over.get("baseline") == "textprompt":
+        assert run_cli(evaluate_main, [str(out), "--prior-weight", "0.5"]) == 2
+        assert "--prior-weight" in capsys.readouterr().err
 
 
 def test_favgenre_decodes_category_names(tmp_path, cache):

@@ -17,12 +17,13 @@ its own forward the same way, reordering its user context with ``UserContext.ind
 
 Scores are sums of token log-probabilities (the sequence log-likelihood, no length normalisation), so the
 returned ranking agrees with scoring every catalogue entry exhaustively whenever the beam is wide enough
-to keep every prefix (tested on a tiny model).
+to keep every prefix (tested on a tiny model). With ``log_scores=True`` the step function returns its own
+token scores instead, e.g. :class:`ContrastiveStepper`'s log p(t | user) - w log p(t | no history).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -96,11 +97,17 @@ class BeamSearchOutput:
 
 @torch.no_grad()
 def constrained_beam_search(step_fn: StepFn, logits: torch.Tensor, past: Any, trie: Trie, num_beams: int = 10,
-                            top_k: int | None = None) -> BeamSearchOutput:
+                            top_k: int | None = None, log_scores: bool = False) -> BeamSearchOutput:
     """Top ``top_k`` (default ``num_beams``) distinct catalogue entries per example.
 
     logits: [B, V] next-token logits after each example's prompt (from the prefill), past: its state.
+    log_scores: ``logits`` and ``step_fn``'s outputs are already per-token scores, summed as they are
+    (instead of their log-softmax). Such scores may rise along a sequence, so the search then runs until
+    every beam has finished instead of stopping once ``top_k`` finished entries beat every live beam.
     """
+    def token_scores(x: torch.Tensor) -> torch.Tensor:
+        return x.float() if log_scores else F.log_softmax(x.float(), dim=-1)
+
     B, V = logits.shape
     K = int(num_beams)
     top_k = K if top_k is None else int(top_k)
@@ -114,7 +121,7 @@ def constrained_beam_search(step_fn: StepFn, logits: torch.Tensor, past: Any, tr
     scores = torch.full((B, K), neg_inf, device=device)
     scores[:, 0] = 0.0
     row_of_beam = torch.arange(B, device=device).repeat_interleave(K)
-    logprobs = F.log_softmax(logits.float(), dim=-1).index_select(0, row_of_beam)  # [B*K, V]
+    logprobs = token_scores(logits).index_select(0, row_of_beam)  # [B*K, V]
     done: list[list[tuple[float, int]]] = [[] for _ in range(B)]
     finished = [False] * B
     steps = 0
@@ -152,10 +159,11 @@ def constrained_beam_search(step_fn: StepFn, logits: torch.Tensor, past: Any, tr
                     new_tokens.append(tok)
                     parents.append(b * K + j)
                     alive += 1
-            # Stop an example once its top_k finished entries beat every live beam (scores only fall).
+            # Stop an example once its top_k finished entries beat every live beam (log-probabilities only
+            # fall; other scores may rise, so those run until no beam is alive).
             if not finished[b]:
                 best_alive = new_scores[len(new_scores) - alive] if alive else neg_inf
-                if alive == 0 or (len(done[b]) >= top_k and
+                if alive == 0 or (not log_scores and len(done[b]) >= top_k and
                                   best_alive <= sorted((d[0] for d in done[b]), reverse=True)[top_k - 1]):
                     finished[b] = True
                     del new_nodes[len(new_nodes) - alive:], new_scores[len(new_scores) - alive:]
@@ -175,7 +183,7 @@ def constrained_beam_search(step_fn: StepFn, logits: torch.Tensor, past: Any, tr
         step_logits, past = step_fn(input_ids, past, beam_idx)
         steps += 1
         row_of_beam = torch.arange(B * K, device=device)
-        logprobs = F.log_softmax(step_logits.float(), dim=-1)
+        logprobs = token_scores(step_logits)
 
     entries, out_scores = [], []
     for b in range(B):
@@ -278,9 +286,13 @@ class UserLLMStepper:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor],
-                lengths: torch.Tensor) -> tuple[torch.Tensor, HFState]:
-        """input_ids/attention_mask: [B, P] left padded; features/lengths: the encoder input of the B rows."""
+                lengths: torch.Tensor, no_history: bool = False) -> tuple[torch.Tensor, HFState]:
+        """input_ids/attention_mask: [B, P] left padded; features/lengths: the encoder input of the B rows.
+        ``no_history``: every row's user context emptied (``kv_lengths`` = 0, as ``gain(none)`` of
+        :mod:`userllm.diagnostics` scores it): the LLM's answer for anyone."""
         ctx = self.model.prepare_user_context(features, lengths)
+        if no_history:
+            ctx = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         logits, cache = self._run(input_ids, attention_mask, positions, new_cache(self.model.llm), ctx)
         return logits, HFState(cache, attention_mask.long(), positions[:, -1] + 1, ctx)
@@ -295,6 +307,43 @@ class UserLLMStepper:
         position_ids = pos[:, None] + torch.arange(input_ids.shape[1], device=pos.device)[None]
         logits, cache = self._run(input_ids, mask, position_ids, past.cache, ctx)
         return logits, HFState(cache, mask, position_ids[:, -1] + 1, ctx)
+
+
+class ContrastiveStepper:
+    """``step_fn`` of a UserLLM scoring token t by log p(t | user) - ``weight`` * log p(t | no history), for
+    ``constrained_beam_search(..., log_scores=True)``.
+
+    Summed over a title this ranks entries by log p(title | user) - w log p(title | no history): w = 0 is the
+    plain likelihood, w = 1 the pointwise mutual information between the title and the user's history. The
+    LLM's own prior (what it writes for anyone: popular titles) is discounted, so what the user context adds
+    decides the ranking (issue 14: the beams held 3-4 of the encoder's 10 candidates, popular titles the rest).
+    The same model runs twice per step, the second time with the user context emptied (cross-attention only:
+    a soft prompt has no per-row length to empty).
+    """
+
+    def __init__(self, model, weight: float):
+        if model.config.integration != "xattn":
+            raise ValueError("ContrastiveStepper: needs the cross-attention integration (kv_lengths = 0 is "
+                             "'no history' there)")
+        self.user = UserLLMStepper(model)
+        self.weight = float(weight)
+
+    def _combine(self, own: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(own.float(), dim=-1) - self.weight * F.log_softmax(prior.float(), dim=-1)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor],
+                lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[HFState, HFState]]:
+        """As :meth:`UserLLMStepper.prefill`; returns (token scores float [B, V], (own state, prior state))."""
+        own, own_state = self.user.prefill(input_ids, attention_mask, features, lengths)
+        prior, prior_state = self.user.prefill(input_ids, attention_mask, features, lengths, no_history=True)
+        return self._combine(own, prior), (own_state, prior_state)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, past: tuple[HFState, HFState], beam_idx: torch.Tensor):
+        own, own_state = self.user(input_ids, past[0], beam_idx)
+        prior, prior_state = self.user(input_ids, past[1], beam_idx)
+        return self._combine(own, prior), (own_state, prior_state)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,13 +172,14 @@ def encoder_recall(model, ds, examples: Examples, *, batch_size: int = 256,
 
 @torch.no_grad()
 def catalogue_log_likelihoods(model, batcher, ds, examples: Examples, *, chunk: int = 2048,
-                              device: torch.device | str = "cpu", amp: Callable = contextlib.nullcontext
-                              ) -> torch.Tensor:
+                              device: torch.device | str = "cpu", amp: Callable = contextlib.nullcontext,
+                              no_history: bool = False) -> torch.Tensor:
     """float32 [N, E]: log p(entry + EOS | prompt, user) of every catalogue entry for every example.
 
     The same score the constrained beam search maximises (summed token log-probabilities, teacher
     forced), computed exhaustively: per example, the prompt + each entry in chunks of ``chunk`` rows,
-    the user context computed once and repeated over the chunk.
+    the user context computed once and repeated over the chunk. ``no_history``: with the user context
+    emptied (``kv_lengths`` = 0), i.e. log p(entry | no history).
     """
     cat = batcher.catalogue
     if cat is None:
@@ -194,6 +195,8 @@ def catalogue_log_likelihoods(model, batcher, ds, examples: Examples, *, chunk: 
         with amp():
             ctx = (model.prepare_user_context(pb.events.features, pb.events.lengths, cache_kv=True)
                    if user_llm else None)
+            if no_history and ctx is not None:
+                ctx = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
             for a in range(0, len(entries), chunk):
                 seqs = [prompt + e + [eos] for e in entries[a:a + chunk]]
                 T = max(len(s) for s in seqs)
@@ -215,12 +218,18 @@ def catalogue_log_likelihoods(model, batcher, ds, examples: Examples, *, chunk: 
     return out
 
 
-def catalogue_likelihood_recall(model, batcher, ds, examples: Examples, **kwargs) -> dict:
+def catalogue_likelihood_recall(model, batcher, ds, examples: Examples, prior_weight: float = 0.0,
+                                **kwargs) -> dict:
     """Recall@1/5/10 of the exhaustive likelihood ranking (:func:`catalogue_log_likelihoods`) over the
-    catalogue entries; examples whose answer has no entry are left out."""
+    catalogue entries; examples whose answer has no entry are left out. ``prior_weight`` W > 0 ranks by
+    log p(entry | user) - W log p(entry | no history), the score of
+    :class:`~userllm.decoding.ContrastiveStepper`."""
     labels = torch.from_numpy(batcher.catalogue.label_to_entry[examples.labels])
     keep = np.flatnonzero(labels.numpy() >= 0)
     scores = catalogue_log_likelihoods(model, batcher, ds, examples.subset(keep), **kwargs)
+    if prior_weight:
+        scores = scores - prior_weight * catalogue_log_likelihoods(model, batcher, ds, examples.subset(keep),
+                                                                   no_history=True, **kwargs)
     # label_ranks treats column 0 as UNK: shift the entries by one column.
     padded = torch.cat([torch.full((len(keep), 1), float("-inf")), scores], dim=1)
     return metrics_from_ranks(label_ranks(padded, labels[keep] + 1), KS)

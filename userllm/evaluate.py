@@ -21,6 +21,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint", help="checkpoint file (default: the run's latest)")
     parser.add_argument("--eval-users", type=int, help="override the run's --eval-users (0 = all)")
     parser.add_argument("--beams", type=int, help="override the run's --beams")
+    parser.add_argument("--prior-weight", type=float, help="override the run's --prior-weight (W in log p(title | "
+                        "user) - W log p(title | no history))")
     parser.add_argument("--split", choices=("val", "test"), default="test",
                         help="the examples scored: each user's last event (test) or the one before (val)")
     parser.add_argument("--device", default=None, help="override the run's --device")
@@ -31,7 +33,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
-                   overrides={"eval_users": args.eval_users, "beams": args.beams})
+                   overrides={"eval_users": args.eval_users, "beams": args.beams,
+                                               "prior_weight": args.prior_weight})
     select_kernels(run.cfg, run.device)
     evaluate_run(run, split=args.split)
     return 0

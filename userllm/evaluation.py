@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .data.examples import Examples, collate
-from .decoding import HFStepper, UserLLMStepper, constrained_beam_search, greedy_decode, recall_from_beams
+from .decoding import (ContrastiveStepper, HFStepper, UserLLMStepper, constrained_beam_search, greedy_decode,
+                       recall_from_beams)
 from .loop import progress
 from .metrics import KS
 
@@ -74,15 +75,18 @@ def teacher_forced_loss(model, batcher, ds, examples: Examples, batch_size: int,
 @torch.no_grad()
 def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 10, batch_size: int = 32,
                        device: torch.device | str = "cpu", amp=contextlib.nullcontext, max_new_tokens: int = 32,
-                       disable_progress: bool | None = None, samples: int = 5) -> dict:
+                       disable_progress: bool | None = None, samples: int = 5, prior_weight: float = 0.0) -> dict:
     """Generate for every example and score: Recall@k (catalogue tasks) or ROUGE (reviewg).
 
-    model: a UserLLM or a TextPromptModel; it is put in eval mode by the caller.
+    model: a UserLLM or a TextPromptModel; it is put in eval mode by the caller. prior_weight: W > 0 ranks
+    catalogue entries by log p(entry | user) - W log p(entry | no history) (:class:`ContrastiveStepper`).
     Returns {"recall@k"... | "rougeLsum"...,  "count", "samples": [...], "decode_seconds"}.
     """
     tok = batcher.tok
     user_llm = _is_user_llm(model)
-    stepper = UserLLMStepper(model) if user_llm else HFStepper(model.llm)
+    contrastive = bool(prior_weight) and user_llm and batcher.catalogue is not None
+    stepper = (ContrastiveStepper(model, prior_weight) if contrastive
+               else UserLLMStepper(model) if user_llm else HFStepper(model.llm))
     catalogue = batcher.catalogue
     trie = catalogue.trie(tok) if catalogue is not None else None
     entries_all: list[list[int]] = []
@@ -100,7 +104,7 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
             else:
                 logits, past = stepper.prefill(pb.input_ids, pb.attention_mask)
             if trie is not None:
-                out = constrained_beam_search(stepper, logits, past, trie, num_beams=beams)
+                out = constrained_beam_search(stepper, logits, past, trie, num_beams=beams, log_scores=contrastive)
                 entries_all += out.entries
                 labels_all += pb.entry_labels.tolist()
             else:
@@ -110,6 +114,8 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
         bar.update(len(idx))
     bar.close()
     result: dict = {"count": len(examples), "decode_seconds": round(time.time() - t0, 2)}
+    if contrastive:
+        result["prior_weight"] = float(prior_weight)
     if trie is not None:
         result.update(recall_from_beams(entries_all, labels_all, [k for k in KS if k <= beams]))
         result["samples"] = [{"reference": catalogue.entries[lab] if lab >= 0 else None,
@@ -188,7 +194,8 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
     table, and return the ``metrics.json`` / ``eval.json`` content."""
     model.eval()
     metrics = generate_and_score(model, batcher, ds, test_ex, beams=cfg.beams, batch_size=cfg.eval_batch_size,
-                                 device=device, amp=amp, max_new_tokens=cfg.max_target_tokens)
+                                 device=device, amp=amp, max_new_tokens=cfg.max_target_tokens,
+                                 prior_weight=cfg.prior_weight)
     metrics["loss"] = teacher_forced_loss(model, batcher, ds, test_ex, cfg.eval_batch_size, device, amp)
     # Issue 14: whether the LLM uses the user (context gain, gates) and what its encoder alone ranks.
     from .diagnostics import encoder_recall, user_signal
@@ -207,7 +214,9 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
         if enc is not None:
             results["baselines"]["encoder"] = enc
             rows.append({"model": "encoder (own head)", "task": cfg.task, **enc})
-    what = (f"constrained beam search, {cfg.beams} beams" if batcher.catalogue is not None
+    what = (f"constrained beam search, {cfg.beams} beams"
+            + (f", scores log p(title | user) - {cfg.prior_weight:g} log p(title | no history)" if cfg.prior_weight else "")
+            if batcher.catalogue is not None
             else f"greedy decoding, at most {cfg.max_target_tokens} tokens")
     log("")
     log(format_table(rows, f"{cfg.dataset} {split} split, {metrics['count']} users, window {cfg.window} ({what})"))

@@ -169,7 +169,8 @@ def build_model(cfg: TrainConfig, llm: nn.Module, encoder: nn.Module | None) -> 
         if encoder is None:
             raise ValueError("a UserLLM needs a user encoder")
         model = UserLLM(llm, encoder, cfg.user_llm_config())
-    return apply_strategy(model, cfg.strategy, lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank)
+    return apply_strategy(model, cfg.strategy, lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                          freeze_encoder=cfg.freeze_encoder)
 
 
 def fill_readout(model: nn.Module, ds, tok) -> None:

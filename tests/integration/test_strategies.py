@@ -56,6 +56,16 @@ def test_trainable_parameter_sets(strategy, integration, latents):
     assert counts["llm"]["trainable"] == (counts["llm"]["total"] if strategy == "full" else 0)
 
 
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_freeze_encoder_keeps_the_encoder_under_full_and_lora(strategy):
+    model = make_model("llama", "xattn")
+    apply_strategy(model, strategy, freeze_encoder=True)
+    seen = {}
+    for name, p in model.named_parameters():
+        seen.setdefault(group_of(name), set()).add(p.requires_grad)
+    assert {g: flags == {True} for g, flags in seen.items()} == {**EXPECTED[strategy], "encoder": False}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_lora_targets_every_linear_of_the_decoder_layers(family):
     model = make_model(family, "xattn")

@@ -122,9 +122,10 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def apply_strategy(model: nn.Module, strategy: str, lora_r: int = 8, lora_alpha: int = 16,
-                   lora_dropout: float = 0.05) -> nn.Module:
+                   lora_dropout: float = 0.05, freeze_encoder: bool = False) -> nn.Module:
     """Set ``requires_grad`` on ``model`` (a UserLLM or a TextPromptModel) for ``strategy``; ``lora`` first
-    injects adapters into ``model.llm`` in place (module tree otherwise unchanged). Returns ``model``.
+    injects adapters into ``model.llm`` in place (module tree otherwise unchanged). ``freeze_encoder``: the
+    encoder stays as it is under any strategy (``full``/``lora`` then train the LLM side only). Returns ``model``.
     Raises ValueError for an unknown strategy, or one that needs the user side on a model without it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -134,7 +135,7 @@ def apply_strategy(model: nn.Module, strategy: str, lora_r: int = 8, lora_alpha:
     if strategy == "lora" and not has_lora(model):
         inject_lora(model.llm, lora_r, lora_alpha, lora_dropout)
     train_llm = strategy == "full"
-    train_encoder = strategy in ("full", "lora", "enc")
+    train_encoder = strategy in ("full", "lora", "enc") and not freeze_encoder
     for name, p in model.llm.named_parameters():
         p.requires_grad_(train_llm or (strategy == "lora" and "lora_" in name))
     if encoder is not None:
