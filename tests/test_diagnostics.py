@@ -99,6 +99,7 @@ def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path
         order = torch.argsort(want[b], descending=True)
         assert out.entries[b][:5] == order[:5].tolist()
         assert out.scores[b][:5] == pytest.approx(want[b, order[:5]].tolist(), abs=1e-4)
-    diagnostics_main([str(run), "--users", "3", "--threads", "1"])
+    diagnostics_main([str(run), "--users", "3", "--threads", "1", "--prior-weight", "0.5"])
     out = json.loads((run / "diagnostics.json").read_text())
     assert out["users"] == 3 and set(out) >= {"beam_search", "likelihood_ranking", "encoder"}
+    assert out["prior_weight"] == 0.5

@@ -26,19 +26,25 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, default=50, help="test users (a fixed random subset; 0 = all)")
     parser.add_argument("--chunk", type=int, default=2048, help="catalogue entries per forward")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--prior-weight", type=float, default=None,
+                        help="both rankings score log p(title | user) - W log p(title | no history) (default: "
+                             "the run's --prior-weight)")
     args = parser.parse_args(argv)
-    r = load_run(args.run_dir, threads=args.threads, overrides={"eval_users": args.users})
+    r = load_run(args.run_dir, threads=args.threads,
+                 overrides={"eval_users": args.users, "prior_weight": args.prior_weight})
+    w = r.cfg.prior_weight
     select_kernels(r.cfg, r.device)
     if r.batcher.catalogue is None:
         raise UserError(f"{args.run_dir}: task {r.cfg.task!r} has no catalogue to rank")
     ex = eval_subset(make_examples(r.ds, r.cfg.task, r.cfg.window, "test"), args.users)
     t0 = time.time()
     beams = generate_and_score(r.model, r.batcher, r.ds, ex, beams=r.cfg.beams, device=r.device, amp=r.amp,
-                               disable_progress=True)
+                               disable_progress=True, prior_weight=w)
     t1 = time.time()
-    full = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=args.chunk, device=r.device, amp=r.amp)
+    full = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=args.chunk, device=r.device, amp=r.amp,
+                                       prior_weight=w)
     t2 = time.time()
-    out = {"run": str(r.run_dir), "checkpoint": str(r.checkpoint), "users": len(ex),
+    out = {"run": str(r.run_dir), "checkpoint": str(r.checkpoint), "users": len(ex), "prior_weight": w,
            "beam_search": {k: beams[k] for k in beams if k.startswith("recall@")} | {"seconds": round(t1 - t0, 1)},
            "likelihood_ranking": full | {"seconds": round(t2 - t1, 1)}}
     enc = encoder_recall(r.model, r.ds, ex, device=r.device)
