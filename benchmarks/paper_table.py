@@ -401,6 +401,8 @@ def verdict(f: Finding, a: dict | None, b: dict | None, users_a: float | None = 
     (a proportion) with ``users_*`` test users per seed, the binomial floor p (1 - p) / (users x seeds):
     with 3 seeds the sample std alone can be 0 by chance (1 hit in 200 users in every seed).
 
+    With one seed and no such floor (ROUGE, say) nothing measures the noise: not resolved, se None.
+
     ``>``: reproduced when d > 2 se, reversed when d < -2 se, else not resolved. ``>=``: reproduced when
     d > 2 se, consistent when |d| <= 2 se, reversed below. ``~``: not resolved when 2 se exceeds 25% of the
     larger mean (a gap like the paper's Proj vs Full, 26%, would go unseen); else reproduced when
@@ -409,16 +411,21 @@ def verdict(f: Finding, a: dict | None, b: dict | None, users_a: float | None = 
     if a is None or b is None:
         return {"claim": f.claim, "a": f.a, "b": f.b, "verdict": "not run", "paper": f.paper}
 
-    def var(m: dict, users: float | None) -> float:
+    def var(m: dict, users: float | None) -> float | None:
+        """None when nothing measures the noise: one seed (no spread) and no binomial floor (not a recall)."""
+        floor = users and 0.0 <= m["mean"] <= 1.0 and "recall" in f.metric
+        if m["n"] < 2 and not floor:
+            return None
         v = m["std"] ** 2 / m["n"]
-        if users and 0.0 <= m["mean"] <= 1.0 and "recall" in f.metric:
-            v = max(v, m["mean"] * (1 - m["mean"]) / (users * m["n"]))
-        return v
+        return max(v, m["mean"] * (1 - m["mean"]) / (users * m["n"])) if floor else v
 
     d = a["mean"] - b["mean"]
-    se = math.sqrt(var(a, users_a) + var(b, users_b))
+    va, vb = var(a, users_a), var(b, users_b)
+    se = math.sqrt(va + vb) if va is not None and vb is not None else None
     top = max(abs(a["mean"]), abs(b["mean"]))
-    if f.relation == "~":
+    if se is None:
+        v = "not resolved (one seed: no spread to judge by)"
+    elif f.relation == "~":
         if 2 * se > 0.25 * top:
             v = "not resolved (noise >= 25% of the value)"
         else:
@@ -488,8 +495,9 @@ def format_table(table: dict) -> str:
                              f"{f['paper']} |")
                 continue
             metric = f["metric"] if f["b_metric"] == f["metric"] else f"{f['metric']} vs {f['b_metric']}"
+            se = "-" if f["se"] is None else f"{f['se']:.4f}"
             lines.append(f"| {f['claim']} | `{f['a']}` | `{f['b']}` | {metric} | {f['a_mean']:.4f} | "
-                         f"{f['b_mean']:.4f} | {f['diff']:+.4f} ± {f['se']:.4f} | {f['verdict']} | {f['paper']} |")
+                         f"{f['b_mean']:.4f} | {f['diff']:+.4f} ± {se} | {f['verdict']} | {f['paper']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,12 @@ def test_constrained_generation_returns_catalogue_items_for_dataset_users(run, d
         end = int(ds.offsets[u + 1]) - 1
         rows = range(max(int(ds.offsets[u]), end - 6), end)
         assert r["history"] == [str(ds.events.items.raw_ids[ds.item_index[ds.features["item"][i]]]) for i in rows]
+    # the contrastive score (issue 14): still catalogue entries, best first, for the same users
+    assert run_cli(main, [str(run), "--users", "3", "--constrained", "--num-return", "3", "--split", "test",
+                          "--prior-weight", "0.5"]) == 0
+    (rec,) = records(capsys)
+    assert len(rec["generations"]) == 3 and set(rec["generations"]) <= titles
+    assert rec["scores"] == sorted(rec["scores"], reverse=True)
 
 
 def test_histories_file_greedy_beam_and_sampling(run, ds, tmp_path, capsys):
@@ -103,6 +109,8 @@ def test_text_prompt_run_renders_the_history(cache, tmp_path, capsys):
     (["--histories", "bad-item.json"], "unknown item id 'no-such-item'"),
     ([], "choose users"),
     (["--users", "1", "--num-return", "2"], "--num-beams >= 2"),
+    (["--users", "1", "--prior-weight", "0.5"], "only with --constrained"),
+    (["--users", "1", "--constrained", "--prior-weight", "2"], "--prior-weight must be in [0, 1]"),
 ])
 def test_bad_input_names_the_problem(run, tmp_path, capsys, argv, needle):
     (tmp_path / "bad-item.json").write_text(json.dumps([["no-such-item"]]))

@@ -116,6 +116,11 @@ def test_verdict_rule():
     assert pt.verdict(same, ms([0.30, 0.30]), ms([0.54, 0.54]))["verdict"] == "not reproduced"
     assert pt.verdict(same, ms([0.01] * 3), ms([0.005] * 3), 200, 200)["verdict"].startswith("not resolved")
     assert pt.verdict(f, None, ms([0.1]))["verdict"] == "not run"
+    # one seed: a recall keeps its binomial floor, a ROUGE has no noise estimate at all
+    rouge = pt.Finding("x", "a", ">", "b", "test.rougeLsum", "-")
+    assert pt.verdict(rouge, ms([0.3308]), ms([0.3328]))["verdict"].startswith("not resolved (one seed")
+    assert pt.verdict(rouge, ms([0.33, 0.34]), ms([0.30, 0.30]))["verdict"] == "reproduced"
+    assert pt.verdict(f, ms([0.05]), ms([0.005]), 200, 200)["verdict"] == "reproduced"
     assert ms([1.0])["std"] == 0.0 and ms([1.0, 3.0])["std"] == pytest.approx(math.sqrt(2))
 
 

@@ -27,7 +27,9 @@ TextPrompt runs through the LLM's Hugging Face ``generate``: greedy by default, 
 search, ``--do-sample`` (``--temperature``, ``--top-k``, ``--top-p``) sampling, ``--num-return N``
 sequences per user, ``--max-new-tokens``. ``--constrained`` instead runs the evaluation's trie-constrained
 beam search (:func:`userllm.decoding.constrained_beam_search`), so every answer is a catalogue entry
-(an item title, or a category name for FavGenre), with its log-likelihood.
+(an item title, or a category name for FavGenre), with its log-likelihood; with ``--prior-weight W`` (a
+cross-attention User-LLM) its score is log p(entry | user) - W log p(entry | no history) instead
+(:class:`~userllm.decoding.ContrastiveStepper`).
 
 Output: one JSON object per user, printed or written to ``--out FILE`` (JSON lines): ``user``,
 ``user_id`` / ``name``, ``history`` (raw item ids), ``prompt``, ``generations`` (strings, best first),
@@ -208,13 +210,14 @@ class DecodeOptions:
     top_p: float = 1.0
     num_return: int = 1
     constrained: bool = False
+    prior_weight: float = 0.0   # constrained: W in log p(entry | user) - W log p(entry | no history)
 
 
 @torch.no_grad()
 def generate_batch(run, requests: Sequence[Request], prompt_ids: Sequence[Sequence[int]],
                    opts: DecodeOptions) -> list[dict]:
     """Generations for one batch of requests: [{"generations": [...], "scores": [...] | None}, ...]."""
-    from .decoding import HFStepper, UserLLMStepper, constrained_beam_search, left_pad
+    from .decoding import ContrastiveStepper, HFStepper, UserLLMStepper, constrained_beam_search, left_pad
 
     tok, model, dev = run.tok, run.model, run.device
     ids, mask = left_pad(list(prompt_ids), tok.pad_token_id)
@@ -228,13 +231,13 @@ def generate_batch(run, requests: Sequence[Request], prompt_ids: Sequence[Sequen
             catalogue = run.batcher.catalogue
             trie = catalogue.trie(tok)
             if run.user_llm:
-                stepper = UserLLMStepper(model)
+                stepper = ContrastiveStepper(model, opts.prior_weight) if opts.prior_weight else UserLLMStepper(model)
                 logits, past = stepper.prefill(ids, mask, feats, lengths)
             else:
                 stepper = HFStepper(model.llm)
                 logits, past = stepper.prefill(ids, mask)
             out = constrained_beam_search(stepper, logits, past, trie, num_beams=max(opts.num_beams, opts.num_return),
-                                          top_k=opts.num_return)
+                                          top_k=opts.num_return, log_scores=bool(opts.prior_weight))
             return [{"generations": [catalogue.entries[e] for e in ents], "scores": [round(s, 4) for s in sc]}
                     for ents, sc in zip(out.entries, out.scores)]
         kwargs: dict[str, Any] = dict(max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
@@ -298,6 +301,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--num-return", type=int, default=1, help="sequences returned per user")
     ap.add_argument("--constrained", action="store_true",
                     help="trie-constrained beam search over the catalogue (nextitem / favgenre)")
+    ap.add_argument("--prior-weight", type=float, default=0.0,
+                    help="with --constrained, a cross-attention User-LLM: rank by log p(entry | user) - W log "
+                         "p(entry | no history) (0 = the likelihood)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--batch-size", type=int, default=8, help="users decoded together")
     ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
@@ -311,6 +317,10 @@ def check_options(args, opts: DecodeOptions) -> None:
     for name in ("max_new_tokens", "num_beams", "num_return", "batch_size", "top_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.prior_weight <= 1.0:
+        raise UserError(f"--prior-weight must be in [0, 1], got {args.prior_weight}")
+    if args.prior_weight and not args.constrained:
+        raise UserError("--prior-weight: only with --constrained (it weighs the catalogue beam search's scores)")
     if not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
     if not (args.users or args.user_ids or args.histories):
@@ -325,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = DecodeOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         num_return=args.num_return, constrained=args.constrained)
+                         num_return=args.num_return, constrained=args.constrained, prior_weight=args.prior_weight)
     check_options(args, opts)
     if not Path(args.run_dir).is_dir():
         raise UserError(f"{args.run_dir}: no such run directory")
@@ -336,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.constrained and run.batcher.catalogue is None:
         raise UserError(f"--constrained needs a catalogue task (nextitem / favgenre); this run's task is "
                         f"{run.cfg.task}")
+    if opts.prior_weight and (not run.user_llm or run.cfg.integration != "xattn"):
+        raise UserError("--prior-weight: only for a cross-attention User-LLM run ('no history' is its user "
+                        "context emptied)")
     ds, window = run.ds, run.cfg.window
     requests = dataset_requests(run.batcher, window, resolve_users(ds, args.users, args.user_ids), args.split)
     if args.histories:
