@@ -286,13 +286,14 @@ class UserLLMStepper:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor],
-                lengths: torch.Tensor, no_history: bool = False) -> tuple[torch.Tensor, HFState]:
-        """input_ids/attention_mask: [B, P] left padded; features/lengths: the encoder input of the B rows.
-        ``no_history``: every row's user context emptied (``kv_lengths`` = 0, as ``gain(none)`` of
-        :mod:`userllm.diagnostics` scores it): the LLM's answer for anyone."""
-        ctx = self.model.prepare_user_context(features, lengths)
-        if no_history:
-            ctx = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
+                lengths: torch.Tensor) -> tuple[torch.Tensor, HFState]:
+        """input_ids/attention_mask: [B, P] left padded; features/lengths: the encoder input of the B rows."""
+        return self.prefill_context(input_ids, attention_mask, self.model.prepare_user_context(features, lengths))
+
+    @torch.no_grad()
+    def prefill_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        ctx) -> tuple[torch.Tensor, HFState]:
+        """As :meth:`prefill`, from a user context already prepared (``UserLLM.prepare_user_context``)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         logits, cache = self._run(input_ids, attention_mask, positions, new_cache(self.model.llm), ctx)
         return logits, HFState(cache, attention_mask.long(), positions[:, -1] + 1, ctx)
@@ -334,9 +335,13 @@ class ContrastiveStepper:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor],
                 lengths: torch.Tensor) -> tuple[torch.Tensor, tuple[HFState, HFState]]:
-        """As :meth:`UserLLMStepper.prefill`; returns (token scores float [B, V], (own state, prior state))."""
-        own, own_state = self.user.prefill(input_ids, attention_mask, features, lengths)
-        prior, prior_state = self.user.prefill(input_ids, attention_mask, features, lengths, no_history=True)
+        """As :meth:`UserLLMStepper.prefill`; returns (token scores float [B, V], (own state, prior state)).
+        The encoder runs once: "no history" is the same context with ``kv_lengths`` = 0, as ``gain(none)`` of
+        :mod:`userllm.diagnostics` scores it."""
+        ctx = self.user.model.prepare_user_context(features, lengths)
+        own, own_state = self.user.prefill_context(input_ids, attention_mask, ctx)
+        empty = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
+        prior, prior_state = self.user.prefill_context(input_ids, attention_mask, empty)
         return self._combine(own, prior), (own_state, prior_state)
 
     @torch.no_grad()
