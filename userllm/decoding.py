@@ -23,7 +23,7 @@ token scores instead, e.g. :class:`ContrastiveStepper`'s log p(t | user) - w log
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -340,8 +340,7 @@ class ContrastiveStepper:
         :mod:`userllm.diagnostics` scores it."""
         ctx = self.user.model.prepare_user_context(features, lengths)
         own, own_state = self.user.prefill_context(input_ids, attention_mask, ctx)
-        empty = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
-        prior, prior_state = self.user.prefill_context(input_ids, attention_mask, empty)
+        prior, prior_state = self.user.prefill_context(input_ids, attention_mask, ctx.without_history())
         return self._combine(own, prior), (own_state, prior_state)
 
     @torch.no_grad()

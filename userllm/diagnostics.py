@@ -90,7 +90,7 @@ def target_loss_sums(model, batcher, ds, examples: Examples, context: str, *, ba
         with amp(), swap:
             ctx = model.prepare_user_context(events.features, events.lengths, cache_kv=False)
             if context == "none":
-                ctx = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
+                ctx = ctx.without_history()
             logits = model(input_ids=lb.input_ids, attention_mask=lb.attention_mask, user_context=ctx).logits
         shift_logits, shift_labels = logits[:, :-1].float(), lb.labels[:, 1:]
         ce = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
@@ -196,7 +196,7 @@ def catalogue_log_likelihoods(model, batcher, ds, examples: Examples, *, chunk: 
             ctx = (model.prepare_user_context(pb.events.features, pb.events.lengths, cache_kv=True)
                    if user_llm else None)
             if no_history and ctx is not None:
-                ctx = replace(ctx, kv_lengths=torch.zeros_like(ctx.kv_lengths))
+                ctx = ctx.without_history()
             for a in range(0, len(entries), chunk):
                 seqs = [prompt + e + [eos] for e in entries[a:a + chunk]]
                 T = max(len(s) for s in seqs)

@@ -45,6 +45,11 @@ class UserContext:
             values=None if self.values is None else tuple(fn(v) for v in self.values),
         )
 
+    def without_history(self) -> "UserContext":
+        """The same rows with no user tokens (``kv_lengths`` = 0): what the LLM says for anyone. The
+        cross-attention blocks pass such rows' text through unchanged (zero attention output)."""
+        return replace(self, kv_lengths=torch.zeros_like(self.kv_lengths))
+
     def index_select(self, idx: torch.Tensor) -> "UserContext":
         """Rows ``idx`` (int [B']) of every tensor, e.g. to follow a beam reordering."""
         idx = idx.to(self.states.device)
