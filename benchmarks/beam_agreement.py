@@ -5,14 +5,14 @@
 For each rank r (0 = the encoder's first), the share of test users whose LLM beam search (the run's own
 constrained decoder and beam width) has the encoder's r-th next-item candidate among its 10 beams: the
 Recall@10 of the beams with that candidate as the label. The encoder is the run's own (``score_next``
-after each test window; UNK never a candidate). Prints one JSON line {rank: share}.
+after each test window; UNK never a candidate). The beams are decoded once and scored against every rank.
+Prints one JSON line {rank: share}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,6 +20,18 @@ import torch
 from userllm.data.examples import collate, make_examples
 from userllm.evaluation import eval_subset, generate_and_score
 from userllm.factory import load_run
+
+
+def agreement(entries, candidates: np.ndarray, label_to_entry: np.ndarray, ranks, k: int = 10) -> dict[int, float]:
+    """{rank r: share of examples whose first ``k`` decoded entries hold the item ``candidates[i, r]``}.
+
+    entries: per example, decoded catalogue indices best first; candidates: int [N, R] item vocab ids;
+    label_to_entry: item vocab id -> catalogue index (-1: no entry, never held)."""
+    out = {}
+    for r in ranks:
+        want = label_to_entry[candidates[:, r]]
+        out[r] = round(float(np.mean([w >= 0 and w in list(e)[:k] for w, e in zip(want, entries)])), 4)
+    return out
 
 
 def main(argv=None) -> None:
@@ -38,13 +50,10 @@ def main(argv=None) -> None:
         scores = run.model.encoder.score_next(batch.features, batch.lengths).float()
     scores[:, 0] = float("-inf")
     top = scores.topk(max(ranks) + 1, dim=-1).indices.numpy()
-    out = {}
-    for r in ranks:
-        m = generate_and_score(run.model, run.batcher, run.ds, replace(ex, labels=top[:, r]),
-                               beams=run.cfg.beams, device=run.device, amp=run.amp, disable_progress=True,
-                               prior_weight=run.cfg.prior_weight if a.prior_weight is None else a.prior_weight)
-        out[r] = round(float(m["recall@10"]), 4)
-    print(json.dumps(out))
+    m = generate_and_score(run.model, run.batcher, run.ds, ex, beams=run.cfg.beams, device=run.device,
+                           amp=run.amp, disable_progress=True, keep_entries=True,
+                           prior_weight=run.cfg.prior_weight if a.prior_weight is None else a.prior_weight)
+    print(json.dumps(agreement(m["entries"], top, run.batcher.catalogue.label_to_entry, ranks)))
 
 
 if __name__ == "__main__":

@@ -75,12 +75,14 @@ def teacher_forced_loss(model, batcher, ds, examples: Examples, batch_size: int,
 @torch.no_grad()
 def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 10, batch_size: int = 32,
                        device: torch.device | str = "cpu", amp=contextlib.nullcontext, max_new_tokens: int = 32,
-                       disable_progress: bool | None = None, samples: int = 5, prior_weight: float = 0.0) -> dict:
+                       disable_progress: bool | None = None, samples: int = 5, prior_weight: float = 0.0,
+                       keep_entries: bool = False) -> dict:
     """Generate for every example and score: Recall@k (catalogue tasks) or ROUGE (reviewg).
 
     model: a UserLLM or a TextPromptModel; it is put in eval mode by the caller. prior_weight: W > 0 ranks
     catalogue entries by log p(entry | user) - W log p(entry | no history) (:class:`ContrastiveStepper`).
-    Returns {"recall@k"... | "rougeLsum"...,  "count", "samples": [...], "decode_seconds"}.
+    Returns {"recall@k"... | "rougeLsum"...,  "count", "samples": [...], "decode_seconds"}, and with
+    ``keep_entries`` (catalogue tasks) "entries": each example's decoded catalogue indices, best first.
     """
     tok = batcher.tok
     user_llm = _is_user_llm(model)
@@ -118,6 +120,8 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
         result["prior_weight"] = float(prior_weight)
     if trie is not None:
         result.update(recall_from_beams(entries_all, labels_all, [k for k in KS if k <= beams]))
+        if keep_entries:
+            result["entries"] = entries_all
         result["samples"] = [{"reference": catalogue.entries[lab] if lab >= 0 else None,
                               "top3": [catalogue.entries[e] for e in ents[:3]]}
                              for ents, lab in zip(entries_all[:samples], labels_all[:samples])]
