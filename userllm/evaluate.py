@@ -33,8 +33,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
-                   overrides={"eval_users": args.eval_users, "beams": args.beams,
-                                               "prior_weight": args.prior_weight})
+                   overrides={"eval_users": args.eval_users, "beams": args.beams, "prior_weight": args.prior_weight})
     select_kernels(run.cfg, run.device)
     evaluate_run(run, split=args.split)
     return 0

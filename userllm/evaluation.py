@@ -218,9 +218,9 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
         if enc is not None:
             results["baselines"]["encoder"] = enc
             rows.append({"model": "encoder (own head)", "task": cfg.task, **enc})
-    what = (f"constrained beam search, {cfg.beams} beams"
-            + (f", scores log p(title | user) - {cfg.prior_weight:g} log p(title | no history)" if cfg.prior_weight else "")
-            if batcher.catalogue is not None
+    contrast = (f", scores log p(title | user) - {cfg.prior_weight:g} log p(title | no history)"
+                if cfg.prior_weight else "")
+    what = (f"constrained beam search, {cfg.beams} beams{contrast}" if batcher.catalogue is not None
             else f"greedy decoding, at most {cfg.max_target_tokens} tokens")
     log("")
     log(format_table(rows, f"{cfg.dataset} {split} split, {metrics['count']} users, window {cfg.window} ({what})"))
