@@ -100,6 +100,9 @@ def test_text_prompt_run_renders_the_history(cache, tmp_path, capsys):
     (rec,) = records(capsys)
     assert rec["prompt"].startswith("History:\n1. ") and len(rec["generations"]) == 2
     assert rec["prompt"].count("\n") == len(rec["history"]) + 2
+    # the contrastive score needs a User-LLM's user context: refused by the run config's rule, exit 2
+    assert run_cli(main, [str(out), "--users", "0", "--constrained", "--prior-weight", "0.5"]) == 2
+    assert "--prior-weight: only for the cross-attention User-LLM" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [

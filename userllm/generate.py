@@ -341,14 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{args.run_dir}: no such run directory")
     from .factory import load_run
 
-    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads)
+    # --prior-weight goes through the run's config, whose check says which runs can empty a user context
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
+                   overrides={"prior_weight": args.prior_weight})
     select_kernels(run.cfg, run.device)
     if opts.constrained and run.batcher.catalogue is None:
         raise UserError(f"--constrained needs a catalogue task (nextitem / favgenre); this run's task is "
                         f"{run.cfg.task}")
-    if opts.prior_weight and (not run.user_llm or run.cfg.integration != "xattn"):
-        raise UserError("--prior-weight: only for a cross-attention User-LLM run ('no history' is its user "
-                        "context emptied)")
     ds, window = run.ds, run.cfg.window
     requests = dataset_requests(run.batcher, window, resolve_users(ds, args.users, args.user_ids), args.split)
     if args.histories:
