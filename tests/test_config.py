@@ -60,6 +60,9 @@ def test_round_trip_through_dict():
     (["--prior-weight", "0.5", "--baseline", "textprompt"], "--prior-weight"),
     (["--prior-weight", "0.5", "--integration", "softprompt"], "--prior-weight"),
     (["--prior-weight", "0.5", "--task", "reviewg"], "--prior-weight"),
+    (["--decoder", "exact", "--prior-weight", "0.5"], "--decoder exact"),
+    (["--decoder", "exact", "--task", "reviewg"], "--decoder exact"),
+    (["--decoder", "greedy"], "--decoder"),
     (["--freeze-encoder", "--strategy", "proj"], "--freeze-encoder"),
     (["--freeze-encoder", "--baseline", "textprompt"], "--freeze-encoder"),
 ])

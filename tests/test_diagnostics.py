@@ -72,6 +72,11 @@ def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path
     full = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=7)
     for k in (1, 5, 10):
         assert full[f"recall@{k}"] == pytest.approx(beams[f"recall@{k}"]), k
+    # Exact decoding (best-first search) finds the exhaustive ranking's top 10 with 10 slots, not n beams.
+    exact = generate_and_score(r.model, r.batcher, r.ds, ex, beams=10, disable_progress=True, decoder="exact")
+    assert exact["decoder"] == "exact" and exact["inexact"] == 0 and exact["expansions"] > 1
+    for k in (1, 5, 10):
+        assert exact[f"recall@{k}"] == pytest.approx(full[f"recall@{k}"]), k
     # The contrastive score log p(title | user) - W log p(title | no history): also exact with every beam.
     beams = generate_and_score(r.model, r.batcher, r.ds, ex, beams=n, disable_progress=True, prior_weight=0.7)
     full_w = catalogue_likelihood_recall(r.model, r.batcher, r.ds, ex, chunk=7, prior_weight=0.7)
@@ -99,6 +104,9 @@ def test_exhaustive_ranking_agrees_with_a_beam_as_wide_as_the_catalogue(tmp_path
         order = torch.argsort(want[b], descending=True)
         assert out.entries[b][:5] == order[:5].tolist()
         assert out.scores[b][:5] == pytest.approx(want[b, order[:5]].tolist(), abs=1e-4)
+    diagnostics_main([str(run), "--users", "3", "--threads", "1"])
+    out = json.loads((run / "diagnostics.json").read_text())
+    assert out["likelihood_ranking"]["method"] == "best-first search" and out["prior_weight"] == 0
     diagnostics_main([str(run), "--users", "3", "--threads", "1", "--prior-weight", "0.5"])
     out = json.loads((run / "diagnostics.json").read_text())
     assert out["users"] == 3 and set(out) >= {"beam_search", "likelihood_ranking", "encoder"}

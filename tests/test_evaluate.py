@@ -99,6 +99,11 @@ def test_evaluate_cli_rescores_the_checkpoint_exactly(tmp_path, cache, capsys, r
         assert run_cli(evaluate_main, [str(out), "--prior-weight", "0.5"]) == 0
         assert "0.5 log p(title | no history)" in capsys.readouterr().out
         assert json.loads((out / "eval.json").read_text())["test"]["prior_weight"] == 0.5
+        assert run_cli(evaluate_main, [str(out), "--decoder", "exact"]) == 0       # README "Session 9"
+        assert "by best-first search" in capsys.readouterr().out
+        assert json.loads((out / "eval.json").read_text())["test"]["inexact"] == 0
+        assert run_cli(evaluate_main, [str(out), "--decoder", "exact", "--prior-weight", "0.5"]) == 2
+        assert "--decoder exact" in capsys.readouterr().err
     elif over.get("baseline") == "textprompt":
         assert run_cli(evaluate_main, [str(out), "--prior-weight", "0.5"]) == 2
         assert "--prior-weight" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Sequence
 
 from .data.dataset import DATASET_NAMES as DATASETS
 from .data.examples import TASKS
+from .decoding import DECODERS
 from .distributed import PARALLELISMS
 from .encoders import ENCODERS as _ENCODER_CLASSES
 from .errors import UserError
@@ -246,6 +247,10 @@ class TrainConfig(DataOptions):
     eval_batch_size: int = opt(32, "evaluation batch size", min=1, resumable=True)
     beams: int = opt(10, "beam width of the constrained decoder (Recall@1/5/10 need >= 10)", min=1,
                      resumable=True)
+    decoder: str = opt("beam", "catalogue tasks (NextItem, FavGenre): 'beam' = constrained beam search of --beams "
+                       "(userllm.decoding); 'exact' = the --beams most likely entries by best-first search "
+                       "(userllm.best_first), which a beam misses on NextItem (README, issue 14)",
+                       choices=DECODERS, resumable=True)
     prior_weight: float = opt(0.0, "catalogue tasks (NextItem, FavGenre): the beam search ranks each entry by "
                               "log p(entry | user) - W * log p(entry | no history) (userllm.decoding."
                               "ContrastiveStepper): W discounts what the LLM writes for anyone (0 = the plain "
@@ -263,6 +268,9 @@ class TrainConfig(DataOptions):
                                   or self.task == "reviewg"):
             raise UserError("--prior-weight: only for the cross-attention User-LLM on a catalogue task (nextitem, "
                             "favgenre): 'no history' is its user context emptied")
+        if self.decoder == "exact" and (self.task == "reviewg" or self.prior_weight):
+            raise UserError("--decoder exact: only for the catalogue tasks (nextitem, favgenre) with --prior-weight 0 "
+                            "(a contrastive score can rise along a title, so best-first search is not exact there)")
         if self.freeze_encoder and (self.baseline == "textprompt" or self.strategy not in ("full", "lora")):
             raise UserError(f"--freeze-encoder: only for the User-LLM with --strategy full or lora (got "
                             f"{'the TextPrompt baseline' if self.baseline == 'textprompt' else self.strategy})")

@@ -23,6 +23,7 @@ token scores instead, e.g. :class:`ContrastiveStepper`'s log p(t | user) - w log
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from .utils.hf import cache_kwargs, new_cache, output_cache, step_mask
 
 StepFn = Callable[[torch.Tensor, Any, torch.Tensor], tuple[torch.Tensor, Any]]
+#: The catalogue decoders: this module's beam search, and exact best-first search (:mod:`userllm.best_first`).
+DECODERS = ("beam", "exact")
 
 
 class Trie:
@@ -234,6 +237,27 @@ class HFState:
     context: Any = None  # the UserContext of a UserLLM (None for a plain LM)
 
 
+def prefix_logits(run: Callable, past: HFState, rows: torch.Tensor, input_ids: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
+    """Next-token logits float [n, V] after ``prompt[rows[i]] + input_ids[i, :lengths[i]]`` for n pairs at once.
+
+    past: the prefill's state of the B prompts (not modified: its cache is copied before it is reordered);
+    rows: int64 [n] prompt of each pair; input_ids: int64 [n, L] each pair's continuation, right padded;
+    lengths: int64 [n] >= 1. The continuations are appended to the prompts' KV cache, so the prompt is never
+    recomputed; the padded tail sits after each row's last real token and so cannot change its logits.
+    ``run(input_ids, text_mask, positions, cache, ctx) -> (logits [n, L, V], cache)`` is the stepper's forward.
+    """
+    cache = copy.deepcopy(past.cache)
+    cache.reorder_cache(rows)
+    n, L = input_ids.shape
+    steps = torch.arange(L, device=input_ids.device)
+    mask = torch.cat([past.attention_mask.index_select(0, rows), (steps[None] < lengths[:, None]).long()], dim=1)
+    positions = past.next_position.index_select(0, rows)[:, None] + steps[None]
+    ctx = past.context.index_select(rows) if past.context is not None else None
+    logits, _ = run(input_ids, mask, positions, cache, ctx)
+    return logits[torch.arange(n, device=logits.device), lengths - 1]
+
+
 class HFStepper:
     """``step_fn`` for a Hugging Face causal LM (used by the TextPrompt baseline).
 
@@ -252,6 +276,11 @@ class HFStepper:
                          use_cache=True, **cache_kwargs(self.model, new_cache(self.model)))
         return out.logits[:, -1], HFState(output_cache(out), attention_mask.long(), positions[:, -1] + 1)
 
+    def _run(self, input_ids, text_mask, positions, cache, ctx):
+        out = self.model(input_ids=input_ids, attention_mask=step_mask(cache, text_mask), position_ids=positions,
+                         use_cache=True, **cache_kwargs(self.model, cache))
+        return out.logits, output_cache(out)
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, past: HFState, beam_idx: torch.Tensor):
         cache = past.cache
@@ -260,9 +289,14 @@ class HFStepper:
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], input_ids.shape[1])], dim=1)
         pos = past.next_position.index_select(0, beam_idx)
         position_ids = pos[:, None] + torch.arange(input_ids.shape[1], device=pos.device)[None]
-        out = self.model(input_ids=input_ids, attention_mask=step_mask(cache, mask), position_ids=position_ids,
-                         use_cache=True, **cache_kwargs(self.model, cache))
-        return out.logits[:, -1], HFState(output_cache(out), mask, position_ids[:, -1] + 1)
+        logits, cache = self._run(input_ids, mask, position_ids, cache, None)
+        return logits[:, -1], HFState(cache, mask, position_ids[:, -1] + 1)
+
+    @torch.no_grad()
+    def prefix_logits(self, past: HFState, rows: torch.Tensor, input_ids: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """See :func:`prefix_logits`; ``past`` is the prefill's state and is left as it was."""
+        return prefix_logits(self._run, past, rows, input_ids, lengths)
 
 
 class UserLLMStepper:
@@ -282,7 +316,7 @@ class UserLLMStepper:
         kwargs = {} if self.softprompt else {"position_ids": positions}
         out = self.model(input_ids=input_ids, attention_mask=text_mask, user_context=ctx, past_key_values=cache,
                          use_cache=True, **kwargs)
-        return out.logits[:, -1], output_cache(out)
+        return out.logits, output_cache(out)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: list[torch.Tensor],
@@ -296,7 +330,7 @@ class UserLLMStepper:
         """As :meth:`prefill`, from a user context already prepared (``UserLLM.prepare_user_context``)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         logits, cache = self._run(input_ids, attention_mask, positions, new_cache(self.model.llm), ctx)
-        return logits, HFState(cache, attention_mask.long(), positions[:, -1] + 1, ctx)
+        return logits[:, -1], HFState(cache, attention_mask.long(), positions[:, -1] + 1, ctx)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, past: HFState, beam_idx: torch.Tensor):
@@ -307,7 +341,13 @@ class UserLLMStepper:
         pos = past.next_position.index_select(0, beam_idx)
         position_ids = pos[:, None] + torch.arange(input_ids.shape[1], device=pos.device)[None]
         logits, cache = self._run(input_ids, mask, position_ids, past.cache, ctx)
-        return logits, HFState(cache, mask, position_ids[:, -1] + 1, ctx)
+        return logits[:, -1], HFState(cache, mask, position_ids[:, -1] + 1, ctx)
+
+    @torch.no_grad()
+    def prefix_logits(self, past: HFState, rows: torch.Tensor, input_ids: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """See :func:`prefix_logits`; ``past`` is the prefill's state and is left as it was."""
+        return prefix_logits(self._run, past, rows, input_ids, lengths)
 
 
 class ContrastiveStepper:

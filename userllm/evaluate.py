@@ -2,8 +2,8 @@
 
 Rebuilds the run's model from ``config.json`` + ``llm/`` + ``encoder.json``
 (:func:`userllm.factory.load_run`), loads its latest checkpoint (or ``--checkpoint``), scores it
-(:func:`userllm.evaluation.evaluate_run`: constrained beam search, Recall@1/5/10 or ROUGE, teacher-forced
-loss, popularity), prints the table and writes ``eval.json`` into the run directory.
+(:func:`userllm.evaluation.evaluate_run`: constrained beam search or exact decoding, Recall@1/5/10 or ROUGE,
+teacher-forced loss, popularity), prints the table and writes ``eval.json`` into the run directory.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .cli import ArgumentParser, run_cli, select_kernels
+from .decoding import DECODERS
 from .evaluation import evaluate_run
 from .factory import load_run
 
@@ -21,6 +22,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint", help="checkpoint file (default: the run's latest)")
     parser.add_argument("--eval-users", type=int, help="override the run's --eval-users (0 = all)")
     parser.add_argument("--beams", type=int, help="override the run's --beams")
+    parser.add_argument("--decoder", choices=DECODERS, help="override the run's --decoder")
     parser.add_argument("--prior-weight", type=float, help="override the run's --prior-weight (W in log p(title | "
                         "user) - W log p(title | no history))")
     parser.add_argument("--split", choices=("val", "test"), default="test",
@@ -33,7 +35,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
-                   overrides={"eval_users": args.eval_users, "beams": args.beams, "prior_weight": args.prior_weight})
+                   overrides={"eval_users": args.eval_users, "beams": args.beams, "prior_weight": args.prior_weight,
+                              "decoder": args.decoder})
     select_kernels(run.cfg, run.device)
     evaluate_run(run, split=args.split)
     return 0

@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .best_first import best_first_search
 from .data.examples import Examples, collate
-from .decoding import (ContrastiveStepper, HFStepper, UserLLMStepper, constrained_beam_search, greedy_decode,
+from .decoding import (DECODERS, ContrastiveStepper, HFStepper, UserLLMStepper, constrained_beam_search, greedy_decode,
                        recall_from_beams)
 from .loop import progress
 from .metrics import KS
@@ -76,14 +77,19 @@ def teacher_forced_loss(model, batcher, ds, examples: Examples, batch_size: int,
 def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 10, batch_size: int = 32,
                        device: torch.device | str = "cpu", amp=contextlib.nullcontext, max_new_tokens: int = 32,
                        disable_progress: bool | None = None, samples: int = 5, prior_weight: float = 0.0,
-                       keep_entries: bool = False) -> dict:
+                       keep_entries: bool = False, decoder: str = "beam") -> dict:
     """Generate for every example and score: Recall@k (catalogue tasks) or ROUGE (reviewg).
 
     model: a UserLLM or a TextPromptModel; it is put in eval mode by the caller. prior_weight: W > 0 ranks
     catalogue entries by log p(entry | user) - W log p(entry | no history) (:class:`ContrastiveStepper`).
     Returns {"recall@k"... | "rougeLsum"...,  "count", "samples": [...], "decode_seconds"}, and with
     ``keep_entries`` (catalogue tasks) "entries": each example's decoded catalogue indices, best first.
+    decoder: ``beam`` (constrained beam search of width ``beams``) or ``exact`` (the ``beams`` most likely
+    entries, :func:`userllm.best_first.best_first_search`; adds "expansions": mean prefixes expanded per
+    example, and "inexact": examples stopped by its expansion bound). Catalogue tasks only; not with W > 0.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     tok = batcher.tok
     user_llm = _is_user_llm(model)
     contrastive = bool(prior_weight) and user_llm and batcher.catalogue is not None
@@ -94,6 +100,8 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
     entries_all: list[list[int]] = []
     labels_all: list[int] = []
     preds, refs = [], []
+    expansions: list[int] = []
+    inexact = 0
     t0 = time.time()
     bar = progress(total=len(examples), desc=f"evaluate {batcher.task}", disable=disable_progress)
     for a in range(0, len(examples), batch_size):
@@ -106,7 +114,15 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
             else:
                 logits, past = stepper.prefill(pb.input_ids, pb.attention_mask)
             if trie is not None:
-                out = constrained_beam_search(stepper, logits, past, trie, num_beams=beams, log_scores=contrastive)
+                if decoder == "exact":
+                    if contrastive:
+                        raise ValueError("the exact decoder needs log-likelihood scores (prior_weight 0)")
+                    out = best_first_search(stepper, logits, past, trie, top_k=beams)
+                    expansions += out.expansions
+                    inexact += out.inexact
+                else:
+                    out = constrained_beam_search(stepper, logits, past, trie, num_beams=beams,
+                                                  log_scores=contrastive)
                 entries_all += out.entries
                 labels_all += pb.entry_labels.tolist()
             else:
@@ -118,6 +134,8 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
     result: dict = {"count": len(examples), "decode_seconds": round(time.time() - t0, 2)}
     if contrastive:
         result["prior_weight"] = float(prior_weight)
+    if expansions:
+        result.update(decoder="exact", expansions=round(float(np.mean(expansions)), 1), inexact=inexact)
     if trie is not None:
         result.update(recall_from_beams(entries_all, labels_all, [k for k in KS if k <= beams]))
         if keep_entries:
@@ -199,7 +217,7 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
     model.eval()
     metrics = generate_and_score(model, batcher, ds, test_ex, beams=cfg.beams, batch_size=cfg.eval_batch_size,
                                  device=device, amp=amp, max_new_tokens=cfg.max_target_tokens,
-                                 prior_weight=cfg.prior_weight)
+                                 prior_weight=cfg.prior_weight, decoder=cfg.decoder)
     metrics["loss"] = teacher_forced_loss(model, batcher, ds, test_ex, cfg.eval_batch_size, device, amp)
     # Issue 14: whether the LLM uses the user (context gain, gates) and what its encoder alone ranks.
     from .diagnostics import encoder_recall, user_signal
@@ -220,7 +238,9 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
             rows.append({"model": "encoder (own head)", "task": cfg.task, **enc})
     contrast = (f", scores log p(title | user) - {cfg.prior_weight:g} log p(title | no history)"
                 if cfg.prior_weight else "")
-    what = (f"constrained beam search, {cfg.beams} beams{contrast}" if batcher.catalogue is not None
+    search = (f"exact top {cfg.beams} by best-first search, {metrics['expansions']:g} expansions per user"
+              if cfg.decoder == "exact" else f"constrained beam search, {cfg.beams} beams")
+    what = (f"{search}{contrast}" if batcher.catalogue is not None
             else f"greedy decoding, at most {cfg.max_target_tokens} tokens")
     log("")
     log(format_table(rows, f"{cfg.dataset} {split} split, {metrics['count']} users, window {cfg.window} ({what})"))
