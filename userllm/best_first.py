@@ -1,14 +1,15 @@
 """Exact constrained decoding: the K most likely catalogue entries by best-first search over the trie.
 
 The constrained beam search (:func:`userllm.decoding.constrained_beam_search`) keeps the K best *prefixes*
-at every step. On NextItem that loses most of the answer (issue 14, README "Session 9"): a title the
-readout names gets nearly all of its log-likelihood from its first token (the choice of candidate) and
-almost none from the rest (the copy), while a generic first token such as "The" or "Star" is likely
-because many titles start with it, and only loses its probability later, spread over the titles that
-follow it. The beams fill with such prefixes, which die out: on a session-6 recipe run the exhaustive
-ranking's 10th best title scored -13.9 on average against -58.6 for the beam search's 10th, and the
-beams held 2.5 of the encoder's 10 candidates although more than 90% of those scored above the beams'
-10th entry.
+at every step, and on NextItem that is far from the K best titles (issue 14, README "Session 9"). On a
+session-6 recipe run (``runs/a-proj``) the beams' 10th title scored -58.6 on average over the 610 test
+users; for the 6 users also ranked exhaustively, the beams' 10th scored -55.2 on average, the exhaustive
+ranking's 10th -12.9. A title the readout names gets nearly all of its log-likelihood from the first
+tokens (the choice of candidate), while a generic first token is likely because many titles start with
+it and loses its probability only later; the beams fill with such prefixes. Whether the exact top K
+*ranks better* is a question about the model, not the search: on that run it ranks worse (Recall@10
+0.0098 against the beams' 0.0246), because the model's likeliest titles are short ones it writes for
+anyone (README).
 
 Best-first search finds the exact top K instead. Token log-probabilities are <= 0, so a prefix's
 score bounds the score of every entry below it; a priority queue per example holds the frontier (prefixes
@@ -18,8 +19,9 @@ is then better than anything still in the queue, so they are the exact top K in 
 :func:`userllm.diagnostics.catalogue_log_likelihoods`, which scores all ~9,700 titles per user, up to
 float rounding).
 
-Batched: every round pops up to ``per_round`` prefixes of each unfinished example and runs them in one
-forward appended to the prompts' KV cache (:func:`userllm.decoding.prefix_logits`). A finished entry
+Batched: every round pops up to ``per_round`` prefixes of each unfinished example and runs them appended
+to the prompts' KV cache (:func:`userllm.decoding.prefix_logits`), in two forwards (prefixes of up to
+``SHORT_PREFIX`` tokens and longer ones, so that few are padded). A finished entry
 is taken only when it is popped before any prefix of that round (a prefix popped earlier in the round
 may have a child that beats it). The extra prefixes of a round are speculative: at most ``per_round -
 1`` expansions that sequential search would not have made, for ``per_round`` times fewer forwards.
@@ -43,8 +45,13 @@ import torch.nn.functional as F
 
 from .decoding import Trie
 
-#: Prefixes expanded per example and round. Measured on the session-6 NextItem recipe (README "Session 9").
-PER_ROUND = 8
+#: Prefixes expanded per example and round, and the prefix length up to which they share a forward. Measured on
+#: 32 users of the session-6 NextItem recipe, one thread (README "Session 9"): the mean prefix is ~2 tokens and a
+#: few are 15+, so one forward padded to the round's longest ran 2.8x the real tokens. Rounds of 8 in one
+#: forward: 27.2 s; of 8 / 16 in two forwards (<= 2 tokens, longer): 22.2 / 19.8-20.1 s; of 16 / 32 in
+#: power-of-two length buckets: 24.8 / 20.8-22.7 s; of 16 in one forward: 26.9-27.1 s.
+PER_ROUND = 16
+SHORT_PREFIX = 2
 #: Expansions after which an example stops searching (the trie of ml-latest-small has 91k nodes).
 MAX_EXPANSIONS = 20000
 
@@ -56,7 +63,7 @@ class ExactSearchOutput:
     entries: list[list[int]]        # catalogue indices
     scores: list[list[float]]       # summed token log-probs
     expansions: list[int]           # prefixes expanded (model rows run) per example
-    steps: int                      # rounds (model forwards) run
+    steps: int                      # model forwards run
     inexact: int = 0                # examples stopped by max_expansions
 
 
@@ -118,16 +125,22 @@ def best_first_search(stepper, logits: torch.Tensor, past, trie: Trie, top_k: in
                 open_[b] = False
         if not batch:
             break
-        rows = torch.tensor([x[0] for x in batch], device=device)
-        lengths = torch.tensor([len(x[3]) for x in batch], device=device)
-        ids = torch.full((len(batch), int(lengths.max())), eos, dtype=torch.long)
-        for i, x in enumerate(batch):
-            ids[i, :len(x[3])] = torch.tensor(x[3])
-        logp = F.log_softmax(stepper.prefix_logits(past, rows, ids.to(device), lengths).float(), dim=-1).cpu()
-        steps += 1
-        for (b, score, node, prefix), row in zip(batch, logp):
-            push_children(b, score, node, prefix, row)
-            expansions[b] += 1
+        # Two forwards, short and long prefixes (see PER_ROUND).
+        short = [x for x in batch if len(x[3]) <= SHORT_PREFIX]
+        long = [x for x in batch if len(x[3]) > SHORT_PREFIX]
+        for group in (short, long):
+            if not group:
+                continue
+            rows = torch.tensor([x[0] for x in group], device=device)
+            lengths = torch.tensor([len(x[3]) for x in group], device=device)
+            ids = torch.full((len(group), int(lengths.max())), eos, dtype=torch.long)
+            for i, x in enumerate(group):
+                ids[i, :len(x[3])] = torch.tensor(x[3])
+            logp = F.log_softmax(stepper.prefix_logits(past, rows, ids.to(device), lengths).float(), dim=-1).cpu()
+            steps += 1
+            for (b, score, node, prefix), row in zip(group, logp):
+                push_children(b, score, node, prefix, row)
+                expansions[b] += 1
         for b in range(B):
             if open_[b] and expansions[b] >= max_expansions:
                 open_[b] = False
