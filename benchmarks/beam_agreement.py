@@ -1,6 +1,6 @@
 """Which of the encoder's candidates the User-LLM's beams hold (issue 14's readout runs).
 
-    python benchmarks/beam_agreement.py RUN_DIR [--users 200] [--ranks 0,1,2,4,9] [--prior-weight W]
+    python benchmarks/beam_agreement.py RUN_DIR [--users 200] [--ranks 0,1,2,4,9] [--prior-weight W] [--decoder exact]
 
 For each rank r (0 = the encoder's first), the share of test users whose LLM beam search (the run's own
 constrained decoder and beam width) has the encoder's r-th next-item candidate among its 10 beams: the
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from userllm.data.examples import collate, make_examples
+from userllm.decoding import DECODERS
 from userllm.evaluation import eval_subset, generate_and_score
 from userllm.factory import load_run
 
@@ -41,6 +42,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ranks", default="0,1,2,4,9", help="encoder ranks, 0-based, comma-separated")
     ap.add_argument("--prior-weight", type=float, default=None,
                     help="the decoder's W in log p(title | user) - W log p(title | no history) (default: the run's)")
+    ap.add_argument("--decoder", choices=DECODERS, default="beam",
+                    help="beam search, or the exact top 10 by best-first search (userllm.best_first)")
     a = ap.parse_args(argv)
     run = load_run(a.run_dir, threads=1)
     ranks = [int(r) for r in a.ranks.split(",")]
@@ -52,7 +55,8 @@ def main(argv=None) -> None:
     top = scores.topk(max(ranks) + 1, dim=-1).indices.numpy()
     m = generate_and_score(run.model, run.batcher, run.ds, ex, beams=run.cfg.beams, device=run.device,
                            amp=run.amp, disable_progress=True, keep_entries=True,
-                           prior_weight=run.cfg.prior_weight if a.prior_weight is None else a.prior_weight)
+                           prior_weight=run.cfg.prior_weight if a.prior_weight is None else a.prior_weight,
+                           decoder=a.decoder)
     print(json.dumps(agreement(m["entries"], top, run.batcher.catalogue.label_to_entry, ranks)))
 
 

@@ -45,3 +45,6 @@ def test_one_decode_matches_the_per_rank_recall(tmp_path, capsys):
         assert shares[rank] == pytest.approx(per_rank["recall@10"], abs=1e-4)
     assert any(v > 0 for v in shares.values())  # the catalogue is small: some candidates are in the beams
     assert set(printed) == {"0", "1", "2"} and all(0.0 <= v <= 1.0 for v in printed.values())
+    ba.main([str(run_dir), "--users", "0", "--ranks", "0,1,2", "--decoder", "exact"])   # the exact top 10
+    exact = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(exact) == {"0", "1", "2"} and all(0.0 <= v <= 1.0 for v in exact.values())

@@ -104,12 +104,13 @@ def test_hf_stepper_matches_brute_force_with_padded_prompts():
         assert out.scores[b] == pytest.approx(brute[order].tolist(), abs=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_user_llm_matches_teacher_forced_scores_and_beats_a_narrow_beam(family):
+@pytest.mark.parametrize("family,integration", [("llama", "xattn"), ("gpt2", "xattn"), ("llama", "softprompt")])
+def test_user_llm_matches_teacher_forced_scores_and_a_beam_as_wide_as_the_catalogue(family, integration):
     with single_thread():
         torch.manual_seed(0)
-        model = UserLLM(tiny_llm(family, layers=2), ToyEncoder([20, 5]), UserLLMConfig(integration="xattn")).eval()
-        open_gates(model, 1.0)
+        model = UserLLM(tiny_llm(family, layers=2), ToyEncoder([20, 5]), UserLLMConfig(integration=integration)).eval()
+        if integration == "xattn":
+            open_gates(model, 1.0)
         eos = 2
         entries = random_catalogue(random.Random(1), 40, eos, 40)
         trie = Trie(entries, eos)
