@@ -99,9 +99,14 @@ def test_evaluate_cli_rescores_the_checkpoint_exactly(tmp_path, cache, capsys, r
         assert run_cli(evaluate_main, [str(out), "--prior-weight", "0.5"]) == 0
         assert "0.5 log p(title | no history)" in capsys.readouterr().out
         assert json.loads((out / "eval.json").read_text())["test"]["prior_weight"] == 0.5
-        assert run_cli(evaluate_main, [str(out), "--decoder", "exact"]) == 0       # README "Session 9"
+        before = (out / "eval.json").read_text()
+        exact = out / "eval_exact.json"       # README "Session 9"; --out keeps eval.json as it was
+        assert run_cli(evaluate_main, [str(out), "--decoder", "exact", "--out", str(exact)]) == 0
         assert "by best-first search" in capsys.readouterr().out
-        assert json.loads((out / "eval.json").read_text())["test"]["inexact"] == 0
+        assert json.loads(exact.read_text())["test"]["inexact"] == 0
+        assert (out / "eval.json").read_text() == before
+        assert run_cli(evaluate_main, [str(out), "--out", str(out / "missing" / "e.json")]) == 2
+        assert "--out" in capsys.readouterr().err
         assert run_cli(evaluate_main, [str(out), "--decoder", "exact", "--prior-weight", "0.5"]) == 2
         assert "--decoder exact" in capsys.readouterr().err
     elif over.get("baseline") == "textprompt":

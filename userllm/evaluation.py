@@ -262,8 +262,9 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
     return results
 
 
-def evaluate_run(run, split: str = "test", log: Callable[..., None] = print) -> dict:
-    """Evaluate a :class:`~userllm.factory.LoadedRun` on ``split`` and write ``eval.json`` into its directory."""
+def evaluate_run(run, split: str = "test", log: Callable[..., None] = print, out=None) -> dict:
+    """Evaluate a :class:`~userllm.factory.LoadedRun` on ``split`` and write the results to ``out`` (a path;
+    default ``eval.json`` in the run directory)."""
     from .data.examples import make_examples
     from .utils.atomic import write_json
 
@@ -273,6 +274,7 @@ def evaluate_run(run, split: str = "test", log: Callable[..., None] = print) -> 
     results = evaluate_and_report(cfg, run.model, run.batcher, ds, train_ex, test_ex, run.device, run.amp, log,
                                   split=split)
     results["checkpoint"] = str(run.checkpoint)
-    write_json(run.run_dir / EVAL_FILE, results)
-    log(f"wrote {run.run_dir / EVAL_FILE}")
+    path = run.run_dir / EVAL_FILE if out is None else out
+    write_json(path, results)
+    log(f"wrote {path}")
     return results
