@@ -13,7 +13,7 @@ from userllm.decoding import HFStepper, Trie, UserLLMStepper, constrained_beam_s
 from userllm.integration import UserLLM, UserLLMConfig
 from userllm.integration.testing import ToyEncoder, open_gates, single_thread, tiny_llm, toy_features
 
-from test_decoding import FakeLM, random_catalogue, tiny_llama
+from test_decoding import FakeLM, random_case, random_catalogue, tiny_llama
 
 
 class FakePrefixLM(FakeLM):
@@ -28,15 +28,8 @@ class FakePrefixLM(FakeLM):
 
 @pytest.mark.parametrize("seed", range(16))
 def test_random_tries_give_the_brute_force_top_k(seed):
-    rng = random.Random(seed)
-    vocab, eos = 12, 2
-    n_entries = rng.randint(1, 25)
-    entries = random_catalogue(rng, vocab, eos, n_entries)
-    trie = Trie(entries, eos)
-    lm = FakePrefixLM(vocab, seed)
-    B = rng.randint(1, 4)
-    prompts = torch.randint(0, vocab, (B, rng.randint(1, 4)), generator=torch.Generator().manual_seed(seed))
-    K = rng.randint(1, 7)
+    entries, trie, lm, prompts, K, eos = random_case(seed, 25, 7, FakePrefixLM)
+    B, n_entries = len(prompts), len(entries)
     logits, past = lm.prefill(prompts)
     for per_round in (1, 3, 8):
         out = best_first_search(lm, logits, past, trie, K, per_round=per_round)

@@ -52,17 +52,22 @@ def random_catalogue(rng: random.Random, vocab: int, eos: int, n: int) -> list[l
     return [list(s) for s in sorted(seqs)]
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_random_tries_outputs_valid_ordered_and_exact(seed):
+def random_case(seed: int, max_entries: int, max_k: int, lm_class=FakeLM):
+    """(entries, trie, lm, prompts int64 [B, P], K, eos): a random catalogue over vocab 12 (EOS 2), a fake LM,
+    1-4 random prompts and a top-K, all drawn from ``seed``."""
     rng = random.Random(seed)
     vocab, eos = 12, 2
-    n_entries = rng.randint(1, 20)
-    entries = random_catalogue(rng, vocab, eos, n_entries)
-    trie = Trie(entries, eos)
-    lm = FakeLM(vocab, seed)
+    entries = random_catalogue(rng, vocab, eos, rng.randint(1, max_entries))
+    lm = lm_class(vocab, seed)
     B = rng.randint(1, 4)
     prompts = torch.randint(0, vocab, (B, rng.randint(1, 4)), generator=torch.Generator().manual_seed(seed))
-    K = rng.randint(1, 6)
+    return entries, Trie(entries, eos), lm, prompts, rng.randint(1, max_k), eos
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_tries_outputs_valid_ordered_and_exact(seed):
+    entries, trie, lm, prompts, K, eos = random_case(seed, 20, 6)
+    B, n_entries = len(prompts), len(entries)
     logits, past = lm.prefill(prompts)
     out = constrained_beam_search(lm, logits, past, trie, num_beams=K)
     for b in range(B):

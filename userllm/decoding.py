@@ -272,9 +272,8 @@ class HFStepper:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, HFState]:
         """input_ids, attention_mask: [B, P] left-padded. Returns (logits [B, V], state)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=True, **cache_kwargs(self.model, new_cache(self.model)))
-        return out.logits[:, -1], HFState(output_cache(out), attention_mask.long(), positions[:, -1] + 1)
+        logits, cache = self._run(input_ids, attention_mask, positions, new_cache(self.model), None)
+        return logits[:, -1], HFState(cache, attention_mask.long(), positions[:, -1] + 1)
 
     def _run(self, input_ids, text_mask, positions, cache, ctx):
         out = self.model(input_ids=input_ids, attention_mask=step_mask(cache, text_mask), position_ids=positions,

@@ -134,8 +134,9 @@ def generate_and_score(model, batcher, ds, examples: Examples, *, beams: int = 1
     result: dict = {"count": len(examples), "decode_seconds": round(time.time() - t0, 2)}
     if contrastive:
         result["prior_weight"] = float(prior_weight)
-    if expansions:
-        result.update(decoder="exact", expansions=round(float(np.mean(expansions)), 1), inexact=inexact)
+    if decoder == "exact" and trie is not None:
+        result.update(decoder="exact", expansions=round(float(np.mean(expansions)), 1) if expansions else 0.0,
+                      inexact=inexact)
     if trie is not None:
         result.update(recall_from_beams(entries_all, labels_all, [k for k in KS if k <= beams]))
         if keep_entries:
