@@ -65,6 +65,9 @@ def test_round_trip_through_dict():
     (["--decoder", "greedy"], "--decoder"),
     (["--freeze-encoder", "--strategy", "proj"], "--freeze-encoder"),
     (["--freeze-encoder", "--baseline", "textprompt"], "--freeze-encoder"),
+    (["--readout-pointer", "--readout-tokens", "5"], "--readout-pointer"),
+    (["--readout-pointer", "--readout-tokens", "5", "--readout-title-tokens", "4", "--integration", "softprompt"],
+     "--readout-pointer"),
 ])
 def test_bad_cli_values_name_the_key(argv, key):
     with pytest.raises(UserError, match=key):

@@ -156,6 +156,10 @@ class TrainConfig(DataOptions):
                               "(0 = the paper's per-event tokens only; userllm.integration.readout)", min=0)
     readout_title_tokens: int = opt(0, "readout: tokens per candidate, one per title token with the token "
                                     "before it (0 = one token per candidate, its title's mean embedding)", min=0)
+    readout_pointer: bool = opt(False, "readout: a pointer (copy) head, so that the LLM can write a readout title "
+                                "token by pointing at it, mixed into its next-token distribution as in a "
+                                "pointer-generator (needs --readout-title-tokens P > 0 and --integration xattn; "
+                                "userllm.integration.copy_head)")
     soft_prompt_tokens: int = opt(4, "learned task-prompt tokens (soft-prompt integration)", min=0)
     strategy: str = opt("full", "trainable parts: full (everything), lora (LoRA on the LLM + encoder + "
                         "projections), enc (encoder + integration), proj (integration only); with the embedded "
@@ -276,6 +280,9 @@ class TrainConfig(DataOptions):
                             f"{'the TextPrompt baseline' if self.baseline == 'textprompt' else self.strategy})")
         if self.readout_title_tokens and not self.readout_tokens:
             raise UserError("--readout-title-tokens: needs --readout-tokens K > 0")
+        if self.readout_pointer and (not self.readout_title_tokens or self.integration != "xattn"):
+            raise UserError("--readout-pointer: needs --readout-title-tokens P > 0 (tokens to point at) and "
+                            "--integration xattn")
         if not self.caption_steps:
             for flag, value in (("--caption-temperature", self.caption_temperature),
                                 ("--caption-temperature-end", self.caption_temperature_end)):
@@ -320,6 +327,8 @@ class TrainConfig(DataOptions):
             name += f"-readout{self.readout_tokens}"
             if self.readout_title_tokens:
                 name += f"x{self.readout_title_tokens}"
+            if self.readout_pointer:
+                name += "-pointer"
         if self.caption_steps:
             name += f"-caption{self.caption_steps}"
         if self.distill_steps:
@@ -345,7 +354,8 @@ class TrainConfig(DataOptions):
         return UserLLMConfig(integration=self.integration, xattn_every=self.xattn_every,
                              perceiver_latents=self.perceiver_latents, perceiver_layers=self.perceiver_layers,
                              task_prompt_len=self.soft_prompt_tokens, gate_init=self.gate_init,
-                             readout_tokens=self.readout_tokens, readout_title_tokens=self.readout_title_tokens)
+                             readout_tokens=self.readout_tokens, readout_title_tokens=self.readout_title_tokens,
+                             readout_pointer=self.readout_pointer)
 
     def pretrain_config(self, out: str | Path | None = None) -> "PretrainConfig":
         """The brief encoder pretraining of ``--pretrain-steps`` (``python -m userllm.pretrain``'s recipe and

@@ -175,11 +175,12 @@ def build_model(cfg: TrainConfig, llm: nn.Module, encoder: nn.Module | None) -> 
 
 def fill_readout(model: nn.Module, ds, tok) -> None:
     """Give the readout tokens (``--readout-tokens``) each item's title vector: the mean of the LLM's
-    input embeddings of the title's answer tokens (:mod:`userllm.integration.readout`). A reloaded run
-    needs no call: the vectors are a buffer in its checkpoint."""
+    input embeddings of the title's answer tokens (:mod:`userllm.integration.readout`), and with
+    ``--readout-pointer`` the ids its copy head writes. A reloaded run needs no call: both are buffers in its
+    checkpoint."""
     import numpy as np
 
-    from .integration.readout import title_vectors
+    from .integration.readout import title_token_ids, title_vectors
     from .text_prompt import target_text
 
     readout = getattr(model, "readout", None)
@@ -188,6 +189,8 @@ def fill_readout(model: nn.Module, ds, tok) -> None:
     titles = ds.item_titles(np.arange(readout.num_items))
     ids = tok([target_text(t) for t in titles[1:]], add_special_tokens=False)["input_ids"]
     readout.set_title_vectors(title_vectors(model.llm, [[]] + ids, readout.title_tokens))
+    if readout.copy_head is not None:
+        readout.set_title_ids(title_token_ids([[]] + ids, readout.title_tokens, tok.eos_token_id))
 
 
 def checkpoint_modules(model: nn.Module, cfg: TrainConfig) -> dict[str, nn.Module]:

@@ -21,12 +21,15 @@ class UserContext:
     kv_lengths: int64 [B], valid tokens per row (0 = no history).
     keys, values: one [B, N, Hkv, D] tensor per cross-attention block (the K/V cache of the user side),
         or None: then every block projects ``states`` itself at every call (the uncached reference path).
+    copy_ids:   int64 [B, N], the token each user token writes through the readout's copy head (-1 = none),
+        or None without one (:mod:`userllm.integration.copy_head`).
     """
 
     states: torch.Tensor
     kv_lengths: torch.Tensor
     keys: tuple[torch.Tensor, ...] | None = None
     values: tuple[torch.Tensor, ...] | None = None
+    copy_ids: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +46,7 @@ class UserContext:
             kv_lengths=fn(self.kv_lengths),
             keys=None if self.keys is None else tuple(fn(k) for k in self.keys),
             values=None if self.values is None else tuple(fn(v) for v in self.values),
+            copy_ids=None if self.copy_ids is None else fn(self.copy_ids),
         )
 
     def without_history(self) -> "UserContext":

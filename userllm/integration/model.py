@@ -28,7 +28,8 @@ from .layers import (UserContext, UserProjection, find_decoder_layers, lengths_f
                      llm_num_heads)
 from .names import INTEGRATIONS
 from .perceiver import PerceiverResampler
-from .readout import NextItemReadout, append_tokens
+from .copy_head import CopyHook
+from .readout import NextItemReadout, append_tokens, ids_after
 from .soft_prompt import SoftPrompt, position_ids_from_mask, prepend
 
 
@@ -50,6 +51,8 @@ class UserLLMConfig:
         next-item candidates as tokens (:mod:`userllm.integration.readout`; needs ``encoder.score_next``).
     readout_title_tokens: 0 = one readout token per candidate (its title's mean embedding); P > 0 = P per
         candidate, one per title token (:class:`~userllm.integration.readout.NextItemReadout`).
+    readout_pointer: a pointer (copy) head that lets the LLM write a readout title token by pointing at it
+        (:mod:`userllm.integration.copy_head`; needs cross-attention and ``readout_title_tokens`` > 0).
     """
 
     integration: str = "xattn"
@@ -65,6 +68,7 @@ class UserLLMConfig:
     task_prompt_len: int = 8
     readout_tokens: int = 0
     readout_title_tokens: int = 0
+    readout_pointer: bool = False
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -83,6 +87,10 @@ class UserLLMConfig:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.xattn_layers is not None:
             self.xattn_layers = tuple(int(i) for i in self.xattn_layers)
+        if self.readout_pointer and (self.integration != "xattn" or not self.readout_tokens
+                                  or not self.readout_title_tokens):
+            raise ValueError("readout_pointer needs the xattn integration, readout_tokens > 0 and "
+                             "readout_title_tokens > 0")
 
 
 def _encoder_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,7 +199,7 @@ class UserLLM(nn.Module):
             if not hasattr(encoder, "score_next"):
                 raise ValueError("readout tokens need an encoder with a next-item head (score_next)")
             self.readout = NextItemReadout(_scored_vocab(encoder), d_llm, config.readout_tokens,
-                                           config.readout_title_tokens)
+                                           config.readout_title_tokens, copy=config.readout_pointer)
         self.xattn = nn.ModuleList()
         self.soft_prompt = None
         self.xattn_layer_indices: list[int] = []
@@ -210,6 +218,11 @@ class UserLLM(nn.Module):
                                                            gate_init=config.gate_init))
             self.xattn_layer_indices = indices
             self._hook_handles = attach_cross_attention(layers, indices, lambda i: CrossAttentionHook(self, i))
+            if self.readout is not None and self.readout.copy_head is not None:
+                head = llm.get_output_embeddings()
+                if head is None:
+                    raise ValueError(f"{type(llm).__name__} has no output embedding for the readout's copy head")
+                self._hook_handles.append(head.register_forward_hook(CopyHook(self, self.readout.copy_head)))
         else:
             std = float(llm.get_input_embeddings().weight.detach().float().std())
             self.soft_prompt = SoftPrompt(d_llm, config.task_prompt_len, init_std=std)
@@ -237,7 +250,13 @@ class UserLLM(nn.Module):
 
     # ----------------------------------------------------------------------------------- user side
     def encode_users(self, features: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder -> projection -> (Perceiver). Returns user states [B, N', d_llm] and kv_lengths int64 [B]."""
+        """Encoder -> projection -> (Perceiver) -> (readout). Returns user states [B, N', d_llm] and kv_lengths
+        int64 [B]."""
+        return self._encode_users(features, lengths)[:2]
+
+    def _encode_users(self, features: list[torch.Tensor], lengths: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode_users` plus the copy ids int64 [B, N'] of the readout's copy head (or None)."""
         emb, mask = _encoder_output(self.encoder(features, lengths))
         if mask is not None:
             kv_lengths = lengths_from_mask(mask)
@@ -246,21 +265,25 @@ class UserLLM(nn.Module):
         states = self.projection(emb.to(self.projection.net[0].weight.dtype))
         if self.perceiver is not None:
             states, kv_lengths = self.perceiver(states, kv_lengths)
+        copy_ids = None
         if self.readout is not None:
-            states, kv_lengths = append_tokens(states, kv_lengths, self.readout(self.encoder.score_next(features,
-                                                                                                       lengths)))
-        return states, kv_lengths
+            tokens, ids = self.readout.tokens_and_ids(self.encoder.score_next(features, lengths))
+            before = kv_lengths
+            states, kv_lengths = append_tokens(states, before, tokens)
+            if ids is not None:
+                copy_ids = ids_after(before, states.shape[1], ids)
+        return states, kv_lengths, copy_ids
 
     def prepare_user_context(self, features: list[torch.Tensor], lengths: torch.Tensor, *,
                              cache_kv: bool = True) -> UserContext:
         """Everything about the users of a request, computed once: states, lengths and, for cross-attention
         with ``cache_kv``, each block's K/V projection (reused by every forward/decoding step)."""
-        states, kv_lengths = self.encode_users(features, lengths)
+        states, kv_lengths, copy_ids = self._encode_users(features, lengths)
         keys = values = None
         if self.config.integration == "xattn" and cache_kv:
             kv = [block.project_kv(states) for block in self.xattn]
             keys, values = tuple(k for k, _ in kv), tuple(v for _, v in kv)
-        return UserContext(states, kv_lengths, keys, values)
+        return UserContext(states, kv_lengths, keys, values, copy_ids)
 
     def _resolve_context(self, user_context, features, lengths, cache_kv: bool = True) -> UserContext | None:
         if user_context is not None:

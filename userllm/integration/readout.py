@@ -26,6 +26,10 @@ tell the LLM the encoder's order and confidence.
 
 The candidate choice (top-K) carries no gradient: the encoder is read, not trained, through this path.
 
+**Pointer** (``--readout-pointer``, ``copy=True``): with P > 0 title tokens, each readout token also carries
+the id of the token it stands for (``title_ids``: the title's answer tokens, then EOS), and a pointer
+head (:mod:`userllm.integration.copy_head`) lets the LLM write that token by pointing at it.
+
 **Caption stage** (``--caption-steps``, :class:`userllm.distill.CaptionStage`): inside
 :meth:`NextItemReadout.candidates_replaced` given items take the places of a row's best candidates (each
 keeps the score of the candidate it replaces, so the score profile stays the encoder's), and the label is
@@ -44,6 +48,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .copy_head import CopyHead
+
 
 class NextItemReadout(nn.Module):
     """K readout candidates from next-item scores, one token each or, with ``title_tokens`` P > 0, P each.
@@ -61,7 +67,7 @@ class NextItemReadout(nn.Module):
     title (the copy an induction head makes), where the mean vector only says which tokens occur.
     """
 
-    def __init__(self, num_items: int, d_model: int, k: int, title_tokens: int = 0):
+    def __init__(self, num_items: int, d_model: int, k: int, title_tokens: int = 0, copy: bool = False):
         super().__init__()
         if k < 1 or num_items < 2:
             raise ValueError(f"readout needs k >= 1 and at least 2 items, got k={k}, num_items={num_items}")
@@ -87,6 +93,14 @@ class NextItemReadout(nn.Module):
                 self.prev_adapter.weight.copy_(q)
             self.start = nn.Parameter(torch.zeros(d_model))
             self.position_embedding = nn.Parameter(torch.zeros(title_tokens, d_model))
+        self.copy_head = None
+        if copy:
+            if not title_tokens:
+                raise ValueError("the readout's copy head needs title tokens (title_tokens P > 0) to point at")
+            # int64 [V, P]: the token candidate token j writes (the title's answer tokens, then EOS; -1 past
+            # them), filled by set_title_ids; persistent, so a reloaded run needs no tokenizer pass.
+            self.register_buffer("title_ids", torch.full((num_items, title_tokens), -1, dtype=torch.long))
+            self.copy_head = CopyHead(d_model)
         self._replace: torch.Tensor | None = None
 
     @property
@@ -109,6 +123,15 @@ class NextItemReadout(nn.Module):
             self.start.copy_(torch.randn(self.start.shape, generator=g) * std)
             self.position_embedding.copy_(torch.randn(self.position_embedding.shape, generator=g) * std)
 
+    @torch.no_grad()
+    def set_title_ids(self, ids: torch.Tensor) -> None:
+        """ids: int64 [V, P] (``title_token_ids``); only with the copy head."""
+        if self.copy_head is None:
+            raise ValueError("set_title_ids: this readout has no copy head")
+        if ids.shape != self.title_ids.shape:
+            raise ValueError(f"title ids must be {tuple(self.title_ids.shape)}, got {tuple(ids.shape)}")
+        self.title_ids.copy_(ids)
+
     @contextmanager
     def candidates_replaced(self, items: torch.Tensor) -> Iterator[None]:
         """Within the block, ``items`` (int64 [B, J], J <= K, real ids >= 1) are row b's candidates 0..J-1, each
@@ -122,7 +145,12 @@ class NextItemReadout(nn.Module):
             self._replace = saved
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores float [B, V] (any real scores; log-softmaxed here) -> tokens [B, K, d_model]."""
+        """scores float [B, V] (any real scores; log-softmaxed here) -> tokens [B, K * max(1, P), d_model]."""
+        return self.tokens_and_ids(scores)[0]
+
+    def tokens_and_ids(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`forward`, plus int64 [B, K * P]: the token each readout token writes for the copy head
+        (-1 = none), or None without the copy head."""
         with torch.no_grad():
             logp = torch.log_softmax(scores.float(), dim=-1)
             logp[:, 0] = float("-inf")                       # UNK is never a candidate
@@ -136,13 +164,14 @@ class NextItemReadout(nn.Module):
         dtype = self.adapter.weight.dtype
         score = top.to(dtype)[..., None] * self.score_direction.to(dtype)                # [B, K, d]
         if not self.title_tokens:
-            return self.adapter(self.title_vectors[idx].to(dtype)) + self.rank_embedding.to(dtype) + score
+            return self.adapter(self.title_vectors[idx].to(dtype)) + self.rank_embedding.to(dtype) + score, None
         nxt = self.title_vectors[idx].to(dtype)                                           # [B, K, P, d]
         B, K, P, d = nxt.shape
         prev = torch.cat([self.start.to(dtype).expand(B, K, 1, d), nxt[:, :, :-1]], dim=2)
         tokens = (self.adapter(nxt) + self.prev_adapter(prev) + self.position_embedding.to(dtype)
                   + (self.rank_embedding.to(dtype) + score)[:, :, None])
-        return tokens.reshape(B, K * P, d)
+        ids = None if self.copy_head is None else self.title_ids[idx].reshape(B, K * P)
+        return tokens.reshape(B, K * P, d), ids
 
 
 def title_vectors(llm: nn.Module, token_ids: Sequence[Sequence[int]], title_tokens: int = 0) -> torch.Tensor:
@@ -162,6 +191,17 @@ def title_vectors(llm: nn.Module, token_ids: Sequence[Sequence[int]], title_toke
     return out
 
 
+def title_token_ids(token_ids: Sequence[Sequence[int]], title_tokens: int, eos_id: int) -> torch.Tensor:
+    """The copy head's int64 [V, P]: row i = ``token_ids[i]`` followed by ``eos_id``, cut to P, -1 past the end
+    (a row with no tokens, such as UNK's, stays all -1: nothing to copy)."""
+    out = torch.full((len(token_ids), title_tokens), -1, dtype=torch.long)
+    for i, ids in enumerate(token_ids):
+        if len(ids):
+            row = (list(ids) + [eos_id])[:title_tokens]
+            out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
 def append_tokens(states: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded states [B, N, d] with lengths int64 [B], plus tokens [B, K, d] placed right after each
@@ -173,3 +213,12 @@ def append_tokens(states: torch.Tensor, lengths: torch.Tensor, tokens: torch.Ten
     cols = lengths.to(states.device)[:, None] + torch.arange(K, device=states.device)[None]
     out = out.index_put((rows.expand(B, K), cols), tokens.to(states.dtype))
     return out, lengths + K
+
+
+def ids_after(lengths: torch.Tensor, total: int, ids: torch.Tensor) -> torch.Tensor:
+    """The copy ids of :func:`append_tokens`' output: int64 [B, total], ``ids`` [B, K] at the same places as the
+    appended tokens (right after each row's ``lengths`` valid states, before the append), -1 elsewhere."""
+    B, K = ids.shape
+    out = torch.full((B, total), -1, dtype=torch.long, device=ids.device)
+    cols = lengths.to(ids.device)[:, None] + torch.arange(K, device=ids.device)[None]
+    return out.scatter_(1, cols, ids)
