@@ -95,11 +95,16 @@ class Row:
     args: tuple[str, ...] | None
     data: str = "ml-latest-small"
     paper: str = "-"
+    steps: int | None = None        # stage-2 steps of this row (None: --steps)
+    eval_users: int | None = None   # test users of this row (None: --eval-users; 0 = all)
 
 
 ENCODERS = {e.name: e for e in (
     Encoder("ar-w20", "ml-latest-small", ("--encoder", "ar", "--window", "20")),
     Encoder("ar-w50", "ml-latest-small", ("--encoder", "ar", "--window", "50")),
+    # the default window-50 encoder at its own default length (40 epochs; runs/enc50 of README's NextItem
+    # section: test R@10 0.0590 in 7 min 40 s on two threads)
+    Encoder("ar-w50-full", "ml-latest-small", ("--encoder", "ar", "--window", "50"), steps=0),
     Encoder("ar-beauty", "All_Beauty_5", ("--encoder", "ar", "--window", "10")),
     # the dual encoder at its own default length (2 epochs of stride-1 windows: 3,094 steps at window 50
     # on ml-latest-small; README's table), not --pretrain-steps: 400 steps would be 1/8 of an epoch
@@ -137,6 +142,15 @@ ROWS = {r.name: r for r in (
         _NI + ("--window", "50", "--strategy", "full"), paper="R@1 0.054 (T6)"),
     Row("ar50-perceiver16", "User-LLM xattn, Full, 50 events, Perceiver 16", "nextitem", "ar-w50",
         _NI + ("--window", "50", "--strategy", "full", "--perceiver-latents", "16"), paper="R@1 0.054 (T6)"),
+    # Issue 14's NextItem recipe (README, "Session 10"): the window-50 encoder's 10 best next items as readout
+    # tokens of 16 title tokens each, a pointer head over them, 1500 caption steps of Proj, exact decoding,
+    # all 610 test users
+    Row("pointer", "User-LLM xattn, Proj, 50 events, readout 10x16 + pointer, exact decoding", "nextitem",
+        "ar-w50-full", _NI + ("--window", "50", "--strategy", "proj", "--readout-tokens", "10",
+                              "--readout-title-tokens", "16", "--readout-pointer", "--xattn-gate-init", "0.5",
+                              "--caption-steps", "1500", "--caption-replace", "1", "--distill-temperature", "0.2",
+                              "--decoder", "exact"),
+        paper="R@10 0.243 (T2)", steps=1500, eval_users=0),
     # Table 2: the dual-encoder baseline (its own next-item ranking)
     Row("dual-encoder", "Dual encoder alone (full ranking, all users)", "nextitem", "dual-w20", None,
         paper="R@10 0.206 (T2)"),
@@ -207,6 +221,13 @@ FINDINGS = (
             "not in the paper (issue 14's floor)", b_metric="baselines.popularity.recall@10"),
     Finding("User-LLM > dual encoder (NextItem)", "full", ">", "dual-encoder", "test.recall@10",
             "R@10 0.243 vs 0.206 (T2)"),
+    Finding("User-LLM with readout + pointer > popularity (NextItem)", "pointer", ">", "pointer", "test.recall@10",
+            "not in the paper (issue 14's floor)", b_metric="baselines.popularity.recall@10"),
+    Finding("User-LLM with readout + pointer ~ its encoder (NextItem)", "pointer", "~", "pointer",
+            "test.recall@10", "not in the paper (issue 14: >= 2/3 of the encoder's own)",
+            b_metric="baselines.encoder.recall@10"),
+    Finding("User-LLM with readout + pointer > dual encoder (NextItem)", "pointer", ">", "dual-encoder",
+            "test.recall@10", "R@10 0.243 vs 0.206 (T2)"),
     Finding("User-LLM ~ TextPrompt (FavGenre)", "favgenre-full", "~", "favgenre-tp20", "test.recall@1",
             "0.785 vs 0.788 (T4)"),
     Finding("User-LLM > TextPrompt (ReviewG)", "reviewg", ">", "reviewg-tp", "test.rougeLsum",
@@ -220,6 +241,7 @@ TINY_STAGE2 = ("--llm-hidden", "32", "--llm-layers", "1", "--tokenizer-vocab", "
                "--beams", "10", "--eval-batch-size", "4", "--checkpoint-every", "100")
 TINY_DIVIDE = {"--window": 5, "--text-events": 5, "--perceiver-latents": 4}
 TINY_STEPS = (4, 6)           # stage 1, stage 2
+TINY_CAPPED = ("--caption-steps", "--distill-steps")   # cut to the tiny stage-2 steps
 TINY_EVAL_USERS = 4
 
 RUN_FILE = "metrics.json"     # what every finished run of either stage writes last
@@ -280,11 +302,14 @@ def stage1_argv(opts: Options, enc: Encoder, seed: int) -> list[str]:
 
 
 def stage2_argv(opts: Options, row: Row, seed: int) -> list[str]:
-    steps = TINY_STEPS[1] if opts.tiny else opts.steps
+    steps = TINY_STEPS[1] if opts.tiny else opts.steps if row.steps is None else row.steps
+    users = TINY_EVAL_USERS if opts.tiny else opts.eval_users if row.eval_users is None else row.eval_users
     args = _data_args(row.data, opts) + list(STAGE2_COMMON) + list(row.args) + list(opts.extra)
+    if opts.tiny:                               # a row's own stage lengths shrink with the rest
+        args = [str(min(int(a), steps)) if i and args[i - 1] in TINY_CAPPED else a for i, a in enumerate(args)]
     if row.encoder is not None:
         args += ["--encoder-checkpoint", str(encoder_dir(opts, row.encoder, seed) / "encoder.safetensors")]
-    args += ["--steps", str(steps), "--eval-users", str(TINY_EVAL_USERS if opts.tiny else opts.eval_users),
+    args += ["--steps", str(steps), "--eval-users", str(users),
              "--threads", str(opts.threads), "--seed", str(seed), "--out", str(row_dir(opts, row.name, seed))]
     return _shrink(args + list(TINY_STAGE2)) if opts.tiny else args
 

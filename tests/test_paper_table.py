@@ -140,3 +140,18 @@ def test_missing_data_dir_is_one_line(tmp_path, capsys):
     assert run_cli(pt.main, ["--data-dir", str(tmp_path / "none"), "--rows", "full", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data-dir" in err and "not found" in err
+
+
+def test_the_pointer_row_runs_with_its_own_steps_users_encoder_and_decoder(tmp_path, cache, capsys):
+    opts = pt.parse(["--out", str(tmp_path / "full-size")])
+    argv = pt.stage2_argv(opts, pt.ROWS["pointer"], 0)
+    for flag, value in (("--steps", "1500"), ("--eval-users", "0"), ("--caption-steps", "1500"),
+                        ("--decoder", "exact"), ("--window", "50")):
+        assert argv[argv.index(flag) + 1] == value
+    assert "ar-w50-full" in argv[argv.index("--encoder-checkpoint") + 1] and "--readout-pointer" in argv
+    stage1 = pt.stage1_argv(opts, pt.ENCODERS["ar-w50-full"], 0)
+    assert stage1[stage1.index("--steps") + 1] == "0"                                    # its default length
+    out = tmp_path / "pt"
+    assert run_cli(pt.main, _argv(out, cache, "--rows", "pointer", "--seeds", "1")) == 0
+    metrics = json.loads((out / "rows" / "pointer" / "seed_0" / "metrics.json").read_text())
+    assert metrics["test"]["decoder"] == "exact" and metrics["model"].endswith("-pointer-caption6")
