@@ -665,7 +665,9 @@ def run(opts: Options, log=print) -> dict:
     title = (f"User-LLM paper table on {data}: seed{'s 0-' if len(seeds) > 1 else ' '}{seeds[-1]} (mean ± std over the seeds finished, "
              f"n), stage 2 {TINY_STEPS[1] if opts.tiny else opts.steps} steps, stage 1 "
              f"{TINY_STEPS[0] if opts.tiny else opts.pretrain_steps} steps, "
-             f"{TINY_EVAL_USERS if opts.tiny else (opts.eval_users or 'all')} test users")
+             f"{TINY_EVAL_USERS if opts.tiny else (opts.eval_users or 'all')} test users"
+             + (" (rows that set their own steps or users: theirs)"
+                if any(r.steps is not None or r.eval_users is not None for r in rows) else ""))
     table = {"title": title, "seeds": seeds, "rows": table_rows, "encoders": table_encoders, "findings": findings,
              "command": "python benchmarks/paper_table.py " + shlex.join(sys.argv[1:]) if sys.argv else "",
              "runner_wall_s": round(time.monotonic() - started, 1)}
