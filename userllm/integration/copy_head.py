@@ -1,4 +1,4 @@
-"""A pointer (copy) head over the readout's title tokens (``--readout-copy``; issue 14).
+"""A pointer (copy) head over the readout's title tokens (``--readout-pointer``; issue 14).
 
 Why: with the readout's title tokens (``--readout-title-tokens P``) the LLM learns to write a candidate's
 title through its cross-attention, but on ml-latest-small it copied at 1.0-1.4 nats per title token at
@@ -19,11 +19,16 @@ the title token before it (``NextItemReadout``), so a query that holds the token
 what follows it in a candidate's title. The LLM still writes the title token by token (the paper's
 formulation); the head only lets it write a token it reads, as a pointer-generator does.
 
+Measured on ml-latest-small (README "Session 10", 3 seeds, all 610 test users): the copy loss fell from 1.19
+to 0.345 nats per token and the exact Recall@10 rose from 0.0290 to 0.0590, the encoder's own. The price
+is calibration: trained on candidate labels only, the gate learns g ~ 1 and titles outside the candidates
+lose nearly all probability (test loss 11.3 nats per token).
+
 :class:`CopyHook` attaches the head to the LLM's output embedding (``lm_head``) as a forward hook, so
 every path that computes logits sees the mixture: the training loss, teacher-forced scores, beams,
 the exact search and HF ``generate``. It returns log p, which are valid logits (``log_softmax`` leaves
-them unchanged). Rows without copyable tokens (no readout, or ``kv_lengths`` = 0: no history) keep the
-LLM's own logits unchanged.
+them unchanged). Rows without copyable tokens (no readout, or ``kv_lengths`` = 0: no history) get the
+LLM's own log-probabilities.
 """
 
 from __future__ import annotations
