@@ -16,6 +16,9 @@ Analytic (the paper's 6ND-style estimate, plus attention terms), per component o
     * ``llm``: ``2 N_llm T`` + ``4 n_layers T ctx d_attn`` over the LLM's input tokens ``T``;
     * ``encoder``: the same over the user's events;
     * ``perceiver``: latents attending to the events;
+    * ``readout``: the encoder's next-item scoring of the candidates (no gradient), the candidates' title
+      tokens (their adapters) and the pointer head on every position the LM head computes; the readout's
+      ``K x max(1, P)`` tokens join the user tokens the cross-attention reads;
     * ``cross_attention``: text queries x user keys (K/V projections once per request).
 
 Measured: :class:`ComponentFlopCounter` is a :class:`torch.utils.flop_counter.FlopCounterMode` (its
@@ -384,21 +387,28 @@ def count_flops(fn, components: Mapping[str, nn.Module | Sequence[nn.Module]] | 
     return result, counter
 
 
-COMPONENTS = ("llm", "encoder", "projection", "perceiver", "cross_attention")
+COMPONENTS = ("llm", "encoder", "projection", "perceiver", "readout", "cross_attention")
 
 
 def model_components(model: nn.Module) -> tuple[dict[str, Any], dict[str, list[tuple[Any, str]]]]:
     """``(components, methods)`` for :class:`ComponentFlopCounter` of a UserLLM or a plain HF LLM.
 
     UserLLM (anything with ``llm`` and ``encoder`` attributes): ``llm``, ``encoder``, ``projection``,
-    ``perceiver``, ``cross_attention`` (the gated blocks, which run inside the LLM's decoder layers, and
-    their ``project_kv``, which runs once per request). A plain LLM (the TextPrompt baseline) is all ``llm``.
+    ``perceiver``, ``readout`` (its ``tokens_and_ids``, the encoder's ``score_next`` that feeds it, and the
+    pointer head, which runs inside the LLM's output head), ``cross_attention`` (the gated blocks, which run
+    inside the LLM's decoder layers, and their ``project_kv``, which runs once per request). A plain LLM (the
+    TextPrompt baseline) is all ``llm``.
     """
     if hasattr(model, "llm") and hasattr(model, "encoder"):
         blocks = list(getattr(model, "xattn", None) or [])
+        readout = getattr(model, "readout", None)
         comps = {"llm": model.llm, "encoder": model.encoder, "projection": getattr(model, "projection", None),
-                 "perceiver": getattr(model, "perceiver", None), "cross_attention": blocks}
+                 "perceiver": getattr(model, "perceiver", None),
+                 "readout": [readout.copy_head] if readout is not None and readout.copy_head is not None else [],
+                 "cross_attention": blocks}
         methods = {"cross_attention": [(b, "project_kv") for b in blocks if hasattr(b, "project_kv")]}
+        if readout is not None:
+            methods["readout"] = [(readout, "tokens_and_ids"), (model.encoder, "score_next")]
         return {k: v for k, v in comps.items() if v is not None and v != []}, methods
     return {"llm": model}, {}
 
@@ -447,6 +457,36 @@ def _perceiver_forward(p: nn.Module, batch: int, n_events: int) -> tuple[int, in
     return lin, att
 
 
+def _score_next_forward(encoder: nn.Module, batch: int, n_events: int, num_items: int) -> int:
+    """Forward FLOPs of ``encoder.score_next`` over ``n_events`` padded events, scoring ``num_items`` ids.
+
+    Exact for the autoregressive encoder (``last_hidden``: every block but the last over all events, the
+    last one's output projection and MLP at the last event only; then ``head_proj`` and the [B, D] x [D, V]
+    product); for other encoders, an estimate: a full forward and a ``d_model`` x V product.
+    """
+    shape = encoder_shape(encoder)
+    att = shape.attention_forward(batch, n_events)
+    head = getattr(encoder, "head_proj", None)
+    blocks = getattr(getattr(encoder, "transformer", None), "blocks", None)
+    if head is None or not blocks or not hasattr(encoder, "last_hidden"):
+        return shape.linear_forward(batch, n_events) + att + linear_flops(batch, encoder.output_dim, num_items)
+    last = blocks[-1]
+    at_last = linear_params([last.attn.out, last.mlp])                 # run at the last event only
+    proj = head["item"]
+    return (2 * batch * n_events * (shape.n_params_matmul - at_last) + 2 * batch * at_last + att
+            + linear_flops(batch, proj.in_features, proj.out_features)
+            + linear_flops(batch, proj.out_features, num_items))
+
+
+def _copy_head_forward(head: nn.Module, batch: int, rows: int, n_user: int) -> int:
+    """Forward FLOPs of the pointer head (:class:`~userllm.integration.copy_head.CopyHead`) on ``rows``
+    positions per row over ``n_user`` user tokens: its query and gate on the positions, its key on the user
+    tokens (recomputed on every call, decode steps included), and the ``rows x n_user`` pointer scores."""
+    d, dk = head.query.in_features, head.query.out_features
+    return (linear_flops(batch * rows, d, dk) + linear_flops(batch * n_user, d, dk)
+            + linear_flops(batch * rows, d, 1) + 2 * batch * rows * n_user * dk)
+
+
 def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forward", user_side: bool = True,
                      cache_kv: bool = True, last_logits_only: bool = False,
                      head_from: int | None = None) -> FlopBreakdown:
@@ -481,9 +521,12 @@ def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forwar
 
     prefix = 0
     n_user = L
+    readout = getattr(model, "readout", None) if is_user else None
     if is_user and L > 0:
         if model.perceiver is not None:
             n_user = model.perceiver.n_latents
+        if readout is not None:
+            n_user += readout.tokens_per_request
         if model.config.integration == "softprompt":
             prefix = n_user + model.config.task_prompt_len
         if user_side and phase != "decode":
@@ -493,6 +536,16 @@ def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forwar
             add("projection", 2 * B * L * linear_params(model.projection), 0)
             if model.perceiver is not None:
                 add("perceiver", *_perceiver_forward(model.perceiver, B, L))
+            if readout is not None:
+                # The scoring runs without gradient. ``adapter`` reads the title vectors (a buffer): its
+                # backward is the weight gradient alone (1x); ``prev_adapter`` also reads the learned start
+                # vector, so its input gradient is computed too (2x).
+                out["readout"] = out.get("readout", 0) + _score_next_forward(model.encoder, B, L, readout.num_items)
+                one = linear_flops(B * readout.tokens_per_request, readout.adapter.in_features,
+                                   readout.adapter.out_features)
+                out["readout"] += one * (2 if train else 1)
+                if readout.title_tokens:
+                    out["readout"] += one * (3 if train else 1)
         for blk in blocks:
             d = blk.q_proj.in_features
             kv_out = blk.k_proj.out_features + blk.v_proj.out_features
@@ -518,6 +571,8 @@ def analytic_userllm(model: nn.Module, shape: PassShape, *, phase: str = "forwar
     if head_rows < q_len and isinstance(head, nn.Linear):
         llm_lin -= linear_flops(B * (q_len - head_rows), head.in_features, head.out_features)
     add("llm", llm_lin, llm_shape.attention_forward(B, q_len, ctx), 2.5 if llm_shape.fused_attention else 2.0)
+    if readout is not None and readout.copy_head is not None and L > 0:
+        add("readout", _copy_head_forward(readout.copy_head, B, head_rows, n_user), 0)
     return FlopBreakdown(out)
 
 
@@ -532,8 +587,7 @@ def analytic_generation(model: nn.Module, batch: int, prompt_len: int, n_events:
                                last_logits_only=True)
     prefix = 0
     if hasattr(model, "encoder") and model.config.integration == "softprompt":
-        n_user = model.perceiver.n_latents if model.perceiver is not None else n_events
-        prefix = (n_user if n_events > 0 else 0) + model.config.task_prompt_len
+        prefix = model.num_prefix_tokens(n_events) if n_events > 0 else model.config.task_prompt_len
     steps = [analytic_userllm(model, PassShape(batch, 1, n_events, past=prefix + prompt_len + i - 1),
                               phase="decode", cache_kv=cache_kv) for i in range(1, new_tokens)]
     return prefill, steps

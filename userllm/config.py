@@ -422,6 +422,10 @@ class PretrainConfig(DataOptions):
                             choices=("last", "all"))
     num_negatives: int = opt(256, "dual, sampled / mixed: uniform negatives per step", min=1)
     temperature: float = opt(0.07, "dual: softmax temperature of the cosine scores (> 0)")
+    dual_score: str = opt("cosine", "dual: cosine (over --temperature) | dot (the AR head's dot product)",
+                          choices=("cosine", "dot"))
+    label_tower: str = opt("mlp", "dual: the label tower over the item table, mlp (2 layers) | linear (one "
+                           "layer: with --dual-score dot, the AR encoder's tied head)", choices=("mlp", "linear"))
     logq_correction: bool = opt(True, "dual, in_batch / mixed: correct in-batch negatives' popularity bias "
                                 "(log p(item), or log of the expected count with mixed, subtracted)")
     item_bias: bool = opt(False, "dual: a learned per-item bias added to the cosine scores (the popularity prior "
@@ -502,7 +506,7 @@ class PretrainConfig(DataOptions):
             out.update(num_user_embeddings=self.user_embeddings, fusion=self.fusion, negatives=self.negatives,
                        num_negatives=self.num_negatives, temperature=self.temperature, label_feature="item",
                        logq_correction=self.logq_correction, targets=self.dual_targets,
-                       item_bias=self.item_bias)
+                       item_bias=self.item_bias, score=self.dual_score, label_tower=self.label_tower)
         return out
 
 

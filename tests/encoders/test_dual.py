@@ -183,6 +183,41 @@ def test_all_targets_equal_every_prefix_as_its_own_window():
         make_encoder(targets="all", fusion="attention")
 
 
+@pytest.mark.parametrize("negatives", ["in_batch", "sampled", "all"])
+def test_dot_score_with_a_linear_label_tower_matches_hand_computation(negatives):
+    """score="dot": max_j u_j . v_i, no normalisation and no temperature; label_tower="linear": one Linear."""
+    enc = make_encoder(temperature=0.5, negatives=negatives, num_negatives=6, num_user_embeddings=2,
+                       fusion="attention", score="dot", label_tower="linear", logq_correction=False)
+    assert isinstance(enc.label_mlp, torch.nn.Linear)
+    table = enc.tables["item"]
+    ids = torch.tensor([4, 9, 11])
+    assert torch.allclose(enc.label_embeddings(ids), table[ids] @ enc.label_mlp.weight.t() + enc.label_mlp.bias)
+    feats, lengths = make_batch(lengths=(6, 3, 2, 5))
+    rows = torch.arange(4)
+    feats[0][rows, lengths - 1] = torch.tensor([4, 9, 11, 3])
+    history, hist_len, label = enc.split_history(feats, lengths)
+    u = enc(history, hist_len).embeddings                                 # [4, 2, 16]
+    v_all = enc.label_embeddings()                                        # [30, 16]
+    full = torch.einsum("bkd,cd->bkc", u, v_all).amax(dim=1)              # [4, 30]
+    assert torch.allclose(enc.score_next(history, hist_len), full, atol=1e-5)
+    torch.manual_seed(3)
+    loss, _ = enc.next_event_loss(feats, lengths)
+    if negatives == "in_batch":
+        logits = full[:, label]
+    elif negatives == "all":
+        logits = full.clone()
+        logits[:, 0] = float("-inf")
+    else:
+        torch.manual_seed(3)
+        neg = torch.randint(1, 30, (6,))
+        logits = torch.cat([full[rows, label][:, None], full[:, neg].masked_fill(neg[None] == label[:, None],
+                                                                                 float("-inf"))], dim=1)
+    target = {"in_batch": rows, "all": label, "sampled": torch.zeros(4, dtype=torch.long)}[negatives]
+    assert torch.allclose(loss, F.cross_entropy(logits, target), atol=1e-5)
+    loss.backward()
+    assert enc.label_mlp.weight.grad.abs().sum() > 0
+
+
 def test_sampled_negatives_exclude_unk_and_follow_torch_rng():
     enc = make_encoder(negatives="sampled", num_negatives=8)
     feats, lengths = make_batch()
@@ -200,10 +235,19 @@ def test_save_load_roundtrip(tmp_path):
     assert isinstance(again, DualEncoder) and again.config.fusion == "last"
     feats, lengths = make_batch()
     assert torch.equal(again(feats, lengths).embeddings, enc(feats, lengths).embeddings)
+    dot = make_encoder(score="dot", label_tower="linear", item_bias=True)
+    save_encoder(dot, tmp_path / "dot.safetensors")
+    again = load_encoder(tmp_path / "dot.safetensors")
+    assert (again.config.score, again.config.label_tower) == ("dot", "linear")
+    assert torch.equal(again.score_next(feats, lengths), dot.score_next(feats, lengths))
 
 
 def test_bad_config():
     with pytest.raises(ValueError, match="fusion"):
         build_encoder("dual", dict(feature_specs=SPECS, fusion="mean"))
+    with pytest.raises(ValueError, match="score must be one of"):
+        build_encoder("dual", dict(feature_specs=SPECS, score="l2"))
+    with pytest.raises(ValueError, match="label_tower must be one of"):
+        build_encoder("dual", dict(feature_specs=SPECS, label_tower="deep"))
     with pytest.raises(ValueError, match="label_feature"):
         build_encoder("dual", dict(feature_specs=SPECS, label_feature="rating"))

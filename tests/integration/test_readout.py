@@ -134,3 +134,24 @@ def test_title_token_mode_pairs_each_title_token_with_the_one_before_it():
                 torch.testing.assert_close(out[0, 3 * k + j], want)
     with pytest.raises(ValueError, match=r"must be \(10, 3, 8\)"):
         r.set_title_vectors(torch.zeros(10, 8))
+
+
+@pytest.mark.parametrize("title_tokens", [0, 3])
+def test_soft_prompt_prefix_counts_every_readout_token(title_tokens):
+    """num_prefix_tokens (what the factory takes off the LLM's context) = the soft prompt's real length:
+    the events, K x max(1, P) readout tokens and the task prompt."""
+    from userllm.data.dataset import FeatureSpec
+    from userllm.encoders import AutoregressiveEncoder, EncoderConfig
+    from userllm.integration import UserLLM, UserLLMConfig
+    from userllm.integration.testing import tiny_llm
+
+    torch.manual_seed(0)
+    specs = [FeatureSpec("item", 12, False)]
+    enc = AutoregressiveEncoder(EncoderConfig(specs, d_model=16, n_layers=1, n_heads=2, max_len=8)).eval()
+    model = UserLLM(tiny_llm("llama", vocab_size=50, hidden=32), enc,
+                    UserLLMConfig(integration="softprompt", task_prompt_len=2, readout_tokens=4,
+                                  readout_title_tokens=title_tokens)).eval()
+    feats = [torch.randint(1, 12, (2, 5))]
+    states, _ = model.encode_users(feats, torch.tensor([5, 5]))
+    assert states.shape[1] == 5 + 4 * max(1, title_tokens)
+    assert model.num_prefix_tokens(5) == states.shape[1] + 2

@@ -157,3 +157,59 @@ def test_llm_size_options_are_checked_before_any_work(tmp_path, argv, message):
     with pytest.raises(UserError, match=message):
         compare.main([*argv, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def _pointer_model():
+    """An AR encoder (2 layers: the last one cut to the last event in ``score_next``) feeding a readout of 3
+    candidates x 4 title tokens with the pointer head."""
+    from userllm.data.dataset import FeatureSpec
+    from userllm.encoders import AutoregressiveEncoder, EncoderConfig
+    from userllm.integration import UserLLM, UserLLMConfig
+    from userllm.integration.readout import title_token_ids, title_vectors
+    from userllm.integration.testing import open_gates, tiny_llm
+
+    torch.manual_seed(0)
+    specs = [FeatureSpec("item", 12, False), FeatureSpec("rating", 6, False)]
+    enc = AutoregressiveEncoder(EncoderConfig(specs, feature_dims=[8, 4], d_model=16, n_layers=2, n_heads=2,
+                                              dropout=0.0, max_len=16)).eval()
+    llm = tiny_llm("llama", vocab_size=50, hidden=32, layers=2)
+    model = UserLLM(llm, enc, UserLLMConfig(readout_tokens=3, readout_title_tokens=4, readout_pointer=True)).eval()
+    open_gates(model, 0.5)
+    titles = [[]] + [[3 + i, 20 + i % 4] + [30 + i] * (i % 3) for i in range(11)]
+    model.readout.set_title_vectors(title_vectors(llm, titles, 4))
+    model.readout.set_title_ids(title_token_ids(titles, 4, 2))
+    g = torch.Generator().manual_seed(2)
+    lens = torch.tensor([5, 1, 3])
+    pad = torch.arange(5)[None] >= lens[:, None]
+    feats = [torch.randint(1, 12, (3, 5), generator=g).masked_fill(pad, -1),
+             torch.randint(1, 6, (3, 5), generator=g).masked_fill(pad, -1)]
+    return model, feats, lens
+
+
+def test_readout_and_pointer_flops_match_analytic_in_training_and_generation():
+    """The readout's tokens join the cross-attention's keys, and its scoring, adapters and pointer head are
+    counted as ``readout``: measured equals analytic per component, training step and generation alike."""
+    model, feats, lens = _pointer_model()
+    ids = torch.randint(3, 50, (3, 4))
+    comps, methods = model_components(model)
+    assert "readout" in comps and "readout" in methods
+
+    def step():
+        model.zero_grad()
+        model(input_ids=ids, features=feats, lengths=lens, labels=ids).loss.backward()
+
+    _, fc = count_flops(step, comps, methods)
+    a = analytic_userllm(model, PassShape(3, 4, 5), phase="train", head_from=0)
+    measured = fc.breakdown()
+    for comp in ("llm", "encoder", "projection", "readout", "cross_attention"):
+        assert measured[comp] == a[comp], (comp, measured[comp], a[comp])
+    assert a["readout"] > 0
+
+    with torch.no_grad():
+        _, fc = count_flops(lambda: model.generate(ids, features=feats, lengths=lens, max_new_tokens=3,
+                                                   min_new_tokens=3, do_sample=False), comps, methods)
+    prefill, steps = analytic_generation(model, 3, 4, 5, 3)
+    total = prefill + steps[0] + steps[1]
+    measured = fc.breakdown()
+    for comp in ("llm", "encoder", "projection", "readout", "cross_attention"):
+        assert measured[comp] == total[comp], (comp, measured[comp], total[comp])

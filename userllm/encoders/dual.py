@@ -6,10 +6,13 @@ followed by fusion layers that turn the event sequence into ``k`` user embedding
     (``userllm.kernels.latent_cross_attention``), then a residual MLP;
   * ``fusion="last"``: the outputs of the last k real events (a history shorter than k repeats its first
     event), each through an MLP.
-Label tower: the label feature's embedding (the user tower's table, shared) -> MLP -> d_model.
+Label tower: the label feature's embedding (the user tower's table, shared) -> MLP -> d_model
+(``label_tower="mlp"``), or one Linear layer (``"linear"``: with ``score="dot"`` this is the AR encoder's
+tied head read from the label side, ``h . (W e_i + c)``).
 
-Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (multi-interest max; k = 1 is the
-plain cosine), plus a learned per-item bias ``b_i`` with ``item_bias`` (the popularity prior that the AR
+Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (``score="cosine"``; multi-interest
+max, k = 1 is the plain cosine) or ``max_j u_j . v_i`` (``score="dot"``, no temperature: the norms are
+learned), plus a learned per-item bias ``b_i`` with ``item_bias`` (the popularity prior that the AR
 encoder's softmax head has and a cosine cannot express: the cosine's range is the same for every item). Loss: softmax cross-entropy of the true next item against ``negatives="in_batch"``
 (the other rows' labels; copies of the row's own label are masked out), ``negatives="sampled"``
 (``num_negatives`` ids drawn uniformly from the vocabulary, shared by the batch, copies of the label
@@ -46,6 +49,8 @@ from .transformer import CausalTransformer, EncoderOutput, EventEmbedding, init_
 FUSIONS = ("attention", "last")
 NEGATIVES = ("in_batch", "sampled", "mixed", "all")
 TARGETS = ("last", "all")
+SCORES = ("cosine", "dot")
+LABEL_TOWERS = ("mlp", "linear")
 
 
 @dataclass
@@ -54,7 +59,8 @@ class DualEncoderConfig(EncoderConfig):
     label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
     and mixed negatives only), targets ("last": one label per window, its last event; "all": every event
     of the window after the first, see :meth:`DualEncoder.next_event_loss`), item_bias (a learned bias
-    per label id added to every score)."""
+    per label id added to every score), score ("cosine" / "dot") and label_tower ("mlp" / "linear"),
+    module docstring."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
@@ -65,6 +71,8 @@ class DualEncoderConfig(EncoderConfig):
     logq_correction: bool = True
     targets: str = "last"
     item_bias: bool = False
+    score: str = "cosine"
+    label_tower: str = "mlp"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +80,10 @@ class DualEncoderConfig(EncoderConfig):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.label_tower not in LABEL_TOWERS:
+            raise ValueError(f"label_tower must be one of {LABEL_TOWERS}, got {self.label_tower!r}")
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         if self.targets == "all" and (self.fusion != "last" or self.num_user_embeddings != 1):
@@ -107,7 +119,8 @@ class DualEncoder(nn.Module):
             self.fuse_ln = nn.LayerNorm(d)
         self.fuse_mlp = _mlp(d, d)
         label_dim = self.features[self.label_index].dim
-        self.label_mlp = _mlp(label_dim, d)
+        # named label_mlp for either tower, so that strategies and checkpoints find it under one name
+        self.label_mlp = _mlp(label_dim, d) if config.label_tower == "mlp" else nn.Linear(label_dim, d)
         V = self.features[self.label_index].num_embeddings
         self.label_bias = nn.Parameter(torch.zeros(V)) if config.item_bias else None
         # log p(label id) in the training stream, for the logQ correction (not saved: set from the data)
@@ -160,11 +173,19 @@ class DualEncoder(nn.Module):
         rows = table if ids is None else table[ids]
         return self.label_mlp(rows)
 
+    def _operands(self, user: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """float32 (user, labels) as the score multiplies them, and the scale: unit vectors over the
+        temperature for the cosine, the raw vectors and 1 for the dot product."""
+        if self.config.score == "dot":
+            return user.float(), labels.float(), 1.0
+        return (F.normalize(user.float(), dim=-1), F.normalize(labels.float(), dim=-1),
+                1.0 / self.config.temperature)
+
     def scores(self, user: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """user [B, k, d], labels [C, d] -> float32 [B, C] = max_j cos(user_j, label) / temperature."""
-        u = F.normalize(user.float(), dim=-1)
-        v = F.normalize(labels.float(), dim=-1)
-        return torch.einsum("bkd,cd->bkc", u, v).amax(dim=1) / self.config.temperature
+        """user [B, k, d], labels [C, d] -> float32 [B, C] = max_j sim(user_j, label) (``score``: cosine
+        over the temperature, or the dot product)."""
+        u, v, scale = self._operands(user, labels)
+        return torch.einsum("bkd,cd->bkc", u, v).amax(dim=1) * scale
 
     def bias(self, ids: torch.Tensor | None = None) -> torch.Tensor | float:
         """float32 [C]: the per-item bias of ids [C] (of every id when None); 0.0 without ``item_bias``."""
@@ -211,7 +232,7 @@ class DualEncoder(nn.Module):
             user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings if bool(keep.any()) else None
             label = label[keep]
         if user is None or not len(label):
-            zero = self.label_mlp[0].weight.sum() * 0.0
+            zero = next(self.label_mlp.parameters()).sum() * 0.0
             return zero, {}
         return self.contrastive_loss(user, label)
 
@@ -265,9 +286,8 @@ class DualEncoder(nn.Module):
             # Uniform over real ids 1..V-1 (UNK 0 never a candidate); drawn from torch's RNG so that
             # checkpoints restore the stream.
             neg = torch.randint(1, max(V, 2), (self.config.num_negatives,), device=label.device)
-            u = F.normalize(user.float(), dim=-1)
-            v = F.normalize(self.label_embeddings(label).float(), dim=-1)
-            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) / self.config.temperature + self.bias(label)
+            u, v, scale = self._operands(user, self.label_embeddings(label))
+            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) * scale + self.bias(label)
             neg_s = self.logits(user, neg)                                    # [B, n]
             neg_s = neg_s.masked_fill(neg[None, :] == label[:, None], float("-inf"))
             logits = torch.cat([pos[:, None], neg_s], dim=1)

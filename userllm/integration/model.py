@@ -451,4 +451,5 @@ class UserLLM(nn.Module):
         if self.config.integration == "xattn":
             return 0
         n_user = self.perceiver.n_latents if self.perceiver is not None else n_events
-        return n_user + self.config.readout_tokens + self.config.task_prompt_len
+        readout = self.readout.tokens_per_request if self.readout is not None else 0    # K x max(1, P)
+        return n_user + readout + self.config.task_prompt_len
