@@ -32,7 +32,7 @@ import torch
 
 from .errors import UserError
 from .utils.atomic import atomic_directory
-from .utils.cache import read_manifest, write_manifest
+from .utils.cache import json_digest, read_manifest, write_manifest
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 MODEL_DTYPE = torch.float32  # weights of every LLM loaded here, whatever the checkpoint's dtype (see load_llm)
@@ -263,7 +263,7 @@ def _pretrained_key(texts: Sequence[str], tok, model_config: DefaultLLMConfig | 
     doc = {"version": LM_PRETRAIN_VERSION, "corpus": _tokenizer_key(texts, vocab_size),
            "tokenizer": tokenizer_fingerprint(tok), "model": asdict(model_config) if model_config else None,
            "recipe": asdict(cfg)}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(doc, 16)
 
 
 def cached_pretrained_llm(model, tok, texts: Sequence[str], cache_dir: str | os.PathLike | None,
@@ -421,4 +421,4 @@ def describe_llm(model) -> str:
 def tokenizer_fingerprint(tok) -> str:
     """Hash of the tokenizer's vocabulary (to check a checkpoint matches the tokenizer it is loaded with)."""
     vocab = tok.get_vocab()
-    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return json_digest(sorted(vocab.items()), 16)

@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from ..errors import DataError, UserError
 from ..utils.atomic import atomic_directory
-from ..utils.cache import read_manifest, sha256_file, write_manifest
+from ..utils.cache import json_digest, read_manifest, sha256_file, write_manifest
 from .events import EventTable, ItemCatalog, TextColumn
 from .synthetic import SyntheticConfig, generate_synthetic
 from .vocab import PAD_ID, Vocabulary, rating_vocabulary
@@ -389,7 +389,7 @@ def cache_key(name: str, options: dict, files: list[Path]) -> str:
         st = f.stat()
         inputs.append([str(f), st.st_size, st.st_mtime_ns])
     doc = {"name": name, "format": FORMAT_VERSION, "options": options, "inputs": inputs}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(doc)
 
 
 def _compact(a: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from ..loop import pick_device, seed_everything
 from ..metrics import seed_stats
 from ..runs import write_metrics, write_run_config
 from ..utils.atomic import write_json, write_text
+from ..utils.cache import json_digest
 from . import evaluate as ev
 from .clusters import build_clusters, event_clusters, last_per_user, novel_transitions, split_users
 from .concentration import PICKS_FILE, aggregate_concentration, concentration, format_concentration, read_picks
@@ -69,9 +70,7 @@ def encoder_signature(pcfg, ds, test_users: np.ndarray) -> dict:
 
 def encoder_cache_path(cache_dir: Path, signature: dict) -> Path:
     """``<data cache>/explore-encoder-<key>.safetensors``: the key hashes :func:`encoder_signature`."""
-    import hashlib
-
-    key = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = json_digest(signature, 16)
     return Path(cache_dir) / f"explore-encoder-{key}.safetensors"
 
 

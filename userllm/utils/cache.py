@@ -22,6 +22,12 @@ class CacheError(ValueError):
     """A cache entry is unusable (the caller rebuilds it)."""
 
 
+def json_digest(doc: Any, length: int = 64) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``doc`` as canonical JSON (sorted keys; values JSON
+    cannot hold written by ``str``): the one way every cache key of the toolkit is made from its inputs."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
