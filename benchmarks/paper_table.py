@@ -36,6 +36,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -527,8 +528,8 @@ def format_table(table: dict) -> str:
 
 
 def plot(table: dict, path: Path) -> None:
-    """One panel per task: each row's headline metric (mean, error bar = std over seeds), popularity's as
-    a dashed line where there is one."""
+    """One panel per task: each row's headline metric (mean, error bar = std over seeds), popularity's on
+    the same users as a dashed segment over its bar where there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,13 +545,16 @@ def plot(table: dict, path: Path) -> None:
         ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue")
         ax.set_xticks(range(len(rows)), [f"{n} (n={r['metrics'][key]['n']})" for n, r in rows], rotation=60,
                       ha="right", fontsize=8)
-        pops = [r["metrics"]["baselines.popularity." + HEADLINE[task]]["mean"] for _, r in rows
-                if "baselines.popularity." + HEADLINE[task] in r["metrics"]]
+        # popularity per bar: rows differ in their test users (200 or all), and so does popularity's figure
+        pop_key = "baselines.popularity." + HEADLINE[task]
+        pops = [(i, r["metrics"][pop_key]["mean"]) for i, (_, r) in enumerate(rows) if pop_key in r["metrics"]]
+        for j, (i, pop) in enumerate(pops):
+            ax.hlines(pop, i - 0.45, i + 0.45, colors="tab:red", linestyles="--",
+                      label="popularity (same users)" if j == 0 else None)
         if pops:
-            ax.axhline(sum(pops) / len(pops), ls="--", color="tab:red", label="popularity")
             ax.legend(fontsize=8)
         ax.set_title(f"{task}: {HEADLINE[task]}")
-    fig.suptitle(table["title"], fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(table["title"], width=60 + 45 * len(tasks))), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
