@@ -92,6 +92,20 @@ def test_dual_encoder_pretrain(tmp_path, cache):
     assert metrics["filter_seen"] is True and metrics["test"]["encoder"]["count"] == 60
 
 
+def test_train_fraction_trains_on_a_seeded_sample_of_the_windows(tmp_path, cache, capsys):
+    """--train-fraction: fewer windows (and steps, at the same epochs), the same test users."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert main(tiny(full, cache, "--epochs", "1")) == 0
+    n_full = int(re.search(r"(\d+) training windows", capsys.readouterr().out)[1])
+    assert main(tiny(half, cache, "--epochs", "1", "--train-fraction", "0.5")) == 0
+    printed = capsys.readouterr().out
+    n_half = int(re.search(r"(\d+) training windows", printed)[1])
+    assert n_half == round(0.5 * n_full) and f"a 0.5 sample of {n_full}" in printed
+    steps = lambda run: json.loads((run / "metrics.json").read_text())["steps"]  # noqa: E731
+    counts = lambda run: json.loads((run / "metrics.json").read_text())["test"]["encoder"]["count"]  # noqa: E731
+    assert steps(half) < steps(full) and counts(half) == counts(full) == 60
+
+
 def test_dual_logq_correction_is_on_by_default_and_fed_the_train_item_counts(cache):
     from userllm import pretrain
 
@@ -116,6 +130,8 @@ def test_dual_logq_correction_is_on_by_default_and_fed_the_train_item_counts(cac
     (["--d-model", "30", "--heads", "4"], "divisible"),
     (["--bogus"], "unknown option '--bogus'"),
     (["--lr", "fast"], "--lr: expected a number"),
+    (["--train-fraction", "0"], "--train-fraction: must lie in (0, 1]"),
+    (["--train-fraction", "1.5"], "--train-fraction"),
 ])
 def test_bad_options_exit_2_without_traceback(argv, needle, capsys, tmp_path):
     assert run_cli(main, argv + ["--out", str(tmp_path / "x")]) == 2

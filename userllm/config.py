@@ -399,6 +399,9 @@ class PretrainConfig(DataOptions):
                         "(dual; 40 with --dual-targets all) / 200 (sasrec, the reference code's length; use "
                         "--patience)", min=0.0, resumable=True)
     batch_size: int = opt(64, "windows per step", min=1)
+    train_fraction: float = opt(1.0, "train on this fraction of the training windows (a fixed random sample "
+                                "drawn with --seed; validation and test users unchanged): a learning curve "
+                                "over data size", min=0.0, max=1.0)
     lr: float = opt(0.0, "peak learning rate (AdamW); 0 = 3e-3 (ar) / 1e-3 (dual, sasrec)", min=0.0)
     warmup: int = opt(50, "linear warmup steps before the cosine decay", min=0)
     min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of --lr", min=0.0, max=1.0)
@@ -455,6 +458,8 @@ class PretrainConfig(DataOptions):
     def check(self) -> None:
         if not self.dropout < 1.0:
             raise UserError(f"--dropout: must lie in [0, 1), got {self.dropout}")
+        if not self.train_fraction > 0:
+            raise UserError(f"--train-fraction: must lie in (0, 1], got {self.train_fraction}")
         if self.temperature <= 0:
             raise UserError(f"--temperature: must be > 0, got {self.temperature}")
         if self.d_model % self.heads:

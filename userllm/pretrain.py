@@ -109,6 +109,10 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume_from: Path | None, resuming
     windows = PretrainWindows(ds, cfg.window, "train", stride=cfg.effective_stride)
     if len(windows) == 0:
         raise UserError(f"the {cfg.dataset} dataset has no training windows (users need >= 4 events)")
+    all_windows = len(windows)
+    if cfg.train_fraction < 1.0:
+        keep = max(1, round(cfg.train_fraction * all_windows))
+        windows = windows.subset(np.sort(np.random.default_rng(cfg.seed).choice(all_windows, keep, replace=False)))
     test_set = next_item_eval(ds, cfg.window, "test")
     val_set = next_item_eval(ds, cfg.window, "val") if cfg.eval_every else None
     popularity = train_item_counts(ds)
@@ -116,7 +120,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume_from: Path | None, resuming
     paper = "the paper's setting" if stride == 1 else \
         f"--stride 1, the paper's setting, would give {PretrainWindows.count(ds, 1)}"
     print(f"data: {cfg.dataset}: {ds.num_users} users, {ds.num_events} events, {ds.num_items - 1} items; "
-          f"{len(windows)} training windows of up to {cfg.window} events at stride {stride} ({paper}) "
+          f"{len(windows)} training windows of up to {cfg.window} events at stride {stride} ({paper})"
+          f"{f', a {cfg.train_fraction:g} sample of {all_windows}' if len(windows) < all_windows else ''} "
           f"({time.time() - t0:.1f}s)", flush=True)
     total_steps = cfg.total_steps(len(windows))
     print(f"training {cfg.encoder} encoder for {total_steps} steps of {cfg.batch_size} windows", flush=True)
