@@ -263,9 +263,10 @@ def evaluate_and_report(cfg, model, batcher, ds, train_ex: Examples, test_ex: Ex
     return results
 
 
-def evaluate_run(run, split: str = "test", log: Callable[..., None] = print, out=None) -> dict:
+def evaluate_run(run, split: str = "test", log: Callable[..., None] = print, out=None, extra: dict | None = None
+                 ) -> dict:
     """Evaluate a :class:`~userllm.factory.LoadedRun` on ``split`` and write the results to ``out`` (a path;
-    default ``eval.json`` in the run directory)."""
+    default ``eval.json`` in the run directory), with ``extra`` (e.g. the gate's calibration) added."""
     from .data.examples import make_examples
     from .utils.atomic import write_json
 
@@ -275,6 +276,7 @@ def evaluate_run(run, split: str = "test", log: Callable[..., None] = print, out
     results = evaluate_and_report(cfg, run.model, run.batcher, ds, train_ex, test_ex, run.device, run.amp, log,
                                   split=split)
     results["checkpoint"] = str(run.checkpoint)
+    results.update(extra or {})
     path = run.run_dir / EVAL_FILE if out is None else out
     write_json(path, results)
     log(f"wrote {path}")

@@ -67,6 +67,15 @@ class CopyHead(nn.Module):
         states float [B, N, d_model]: the user tokens; ids int64 [B, N]: the token each one writes (-1 = not
         copyable); lengths int64 [B]: valid user tokens per row. Returns [B, T, V] log-probabilities in float32
         (float64 for float64 logits): the LLM's own log_softmax(logits) in rows with no copyable token."""
+        own, log_copy, z, copyable = self.parts(hidden, logits, states, ids, lengths)
+        return torch.where(copyable[:, None, None], mix(own, log_copy, z), own)
+
+    def parts(self, hidden: torch.Tensor, logits: torch.Tensor, states: torch.Tensor, ids: torch.Tensor,
+              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixture's parts, for :meth:`forward` (same arguments) and the gate's calibration
+        (:mod:`userllm.calibration`): the LLM's own log-probs [B, T, V], the pointer's log-probs [B, T, V]
+        (floored at ``COPY_FLOOR``), the gate's logit z [B, T, 1] (g = sigmoid(z)), and bool [B]: rows
+        with a copyable token (the others keep their own log-probs)."""
         B, T, V = logits.shape
         N = states.shape[1]
         if ids.shape != (B, N) or hidden.shape[:2] != (B, T):
@@ -86,8 +95,12 @@ class CopyHead(nn.Module):
         index = ids.clamp_min(0).to(logits.device)[:, None].expand(B, T, N)
         p_copy = own.new_zeros(B, T, V).scatter_add_(2, index, attn)
         z = self.gate(h).to(dtype)                                                                 # [B, T, 1]
-        mixed = torch.logaddexp(F.logsigmoid(-z) + own, F.logsigmoid(z) + p_copy.clamp_min(COPY_FLOOR).log())
-        return torch.where(valid.any(1)[:, None, None], mixed, own)
+        return own, p_copy.clamp_min(COPY_FLOOR).log(), z, valid.any(1)
+
+
+def mix(own: torch.Tensor, log_copy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log((1 - g) exp(own) + g exp(log_copy)) with g = sigmoid(z), stably; any broadcastable shapes."""
+    return torch.logaddexp(F.logsigmoid(-z) + own, F.logsigmoid(z) + log_copy)
 
 
 class CopyHook:
