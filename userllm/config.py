@@ -428,7 +428,8 @@ class PretrainConfig(DataOptions):
     dual_score: str = opt("cosine", "dual: cosine (over --temperature) | dot (the AR head's dot product)",
                           choices=("cosine", "dot"))
     label_tower: str = opt("mlp", "dual: the label tower over the item table, mlp (2 layers) | linear (one "
-                           "layer: with --dual-score dot, the AR encoder's tied head)", choices=("mlp", "linear"))
+                           "layer) | table (the item's input embedding itself; needs --item-dim 0 or --d-model: "
+                           "with --dual-score dot, the AR encoder's tied head)", choices=("mlp", "linear", "table"))
     logq_correction: bool = opt(True, "dual, in_batch / mixed: correct in-batch negatives' popularity bias "
                                 "(log p(item), or log of the expected count with mixed, subtracted)")
     item_bias: bool = opt(False, "dual: a learned per-item bias added to the cosine scores (the popularity prior "

@@ -218,6 +218,23 @@ def test_dot_score_with_a_linear_label_tower_matches_hand_computation(negatives)
     assert enc.label_mlp.weight.grad.abs().sum() > 0
 
 
+def test_table_label_tower_is_the_items_input_embedding():
+    """label_tower="table" with score="dot": the user vector dotted with the item's input embedding (the AR
+    head's form), plus the item bias."""
+    enc = make_encoder(feature_dims={"item": 16}, score="dot", label_tower="table", item_bias=True,
+                       negatives="all", fusion="last")
+    assert list(enc.label_mlp.parameters()) == []
+    with torch.no_grad():
+        enc.label_bias.copy_(torch.linspace(-1, 1, 30))
+    feats, lengths = make_batch()
+    user = enc(feats, lengths).embeddings[:, 0]
+    want = user @ enc.tables["item"].t() + torch.linspace(-1, 1, 30)
+    assert torch.allclose(enc.score_next(feats, lengths), want, atol=1e-5)
+    loss, _ = enc.next_event_loss(feats, lengths)
+    loss.backward()
+    assert enc.tables["item"].grad.abs().sum() > 0
+
+
 def test_sampled_negatives_exclude_unk_and_follow_torch_rng():
     enc = make_encoder(negatives="sampled", num_negatives=8)
     feats, lengths = make_batch()
@@ -247,6 +264,8 @@ def test_bad_config():
         build_encoder("dual", dict(feature_specs=SPECS, fusion="mean"))
     with pytest.raises(ValueError, match="score must be one of"):
         build_encoder("dual", dict(feature_specs=SPECS, score="l2"))
+    with pytest.raises(ValueError, match="label_tower='table' needs the item embedding width"):
+        build_encoder("dual", dict(feature_specs=SPECS, feature_dims={"item": 8}, d_model=16, label_tower="table"))
     with pytest.raises(ValueError, match="label_tower must be one of"):
         build_encoder("dual", dict(feature_specs=SPECS, label_tower="deep"))
     with pytest.raises(ValueError, match="label_feature"):

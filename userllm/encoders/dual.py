@@ -7,8 +7,9 @@ followed by fusion layers that turn the event sequence into ``k`` user embedding
   * ``fusion="last"``: the outputs of the last k real events (a history shorter than k repeats its first
     event), each through an MLP.
 Label tower: the label feature's embedding (the user tower's table, shared) -> MLP -> d_model
-(``label_tower="mlp"``), or one Linear layer (``"linear"``: with ``score="dot"`` this is the AR encoder's
-tied head read from the label side, ``h . (W e_i + c)``).
+(``label_tower="mlp"``), one Linear layer (``"linear"``), or the embedding itself (``"table"``, when its
+width is d_model: with ``score="dot"`` the user tower's output dotted with the item's input embedding,
+the form of the AR encoder's tied head and of YouTube's two-tower softmax, Covington et al. 2016).
 
 Score of user u and item i: ``max_j cos(u_j, v_i) / temperature`` (``score="cosine"``; multi-interest
 max, k = 1 is the plain cosine) or ``max_j u_j . v_i`` (``score="dot"``, no temperature: the norms are
@@ -50,7 +51,7 @@ FUSIONS = ("attention", "last")
 NEGATIVES = ("in_batch", "sampled", "mixed", "all")
 TARGETS = ("last", "all")
 SCORES = ("cosine", "dot")
-LABEL_TOWERS = ("mlp", "linear")
+LABEL_TOWERS = ("mlp", "linear", "table")
 
 
 @dataclass
@@ -94,6 +95,10 @@ class DualEncoderConfig(EncoderConfig):
         names = [f.name for f in self.feature_specs]
         if self.label_feature not in names:
             raise ValueError(f"label_feature {self.label_feature!r} is not a feature ({names})")
+        label_dim = self.feature_specs[names.index(self.label_feature)].dim
+        if self.label_tower == "table" and label_dim != self.d_model:
+            raise ValueError(f"label_tower='table' needs the {self.label_feature} embedding width ({label_dim}) to "
+                             f"equal d_model ({self.d_model})")
 
 
 def _mlp(d_in: int, d: int) -> nn.Sequential:
@@ -119,8 +124,9 @@ class DualEncoder(nn.Module):
             self.fuse_ln = nn.LayerNorm(d)
         self.fuse_mlp = _mlp(d, d)
         label_dim = self.features[self.label_index].dim
-        # named label_mlp for either tower, so that strategies and checkpoints find it under one name
-        self.label_mlp = _mlp(label_dim, d) if config.label_tower == "mlp" else nn.Linear(label_dim, d)
+        # named label_mlp for every tower, so that strategies and checkpoints find it under one name
+        self.label_mlp = {"mlp": lambda: _mlp(label_dim, d), "linear": lambda: nn.Linear(label_dim, d),
+                          "table": nn.Identity}[config.label_tower]()
         V = self.features[self.label_index].num_embeddings
         self.label_bias = nn.Parameter(torch.zeros(V)) if config.item_bias else None
         # log p(label id) in the training stream, for the logQ correction (not saved: set from the data)
@@ -232,7 +238,7 @@ class DualEncoder(nn.Module):
             user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings if bool(keep.any()) else None
             label = label[keep]
         if user is None or not len(label):
-            zero = next(self.label_mlp.parameters()).sum() * 0.0
+            zero = self.fuse_mlp[0].weight.sum() * 0.0
             return zero, {}
         return self.contrastive_loss(user, label)
 
