@@ -235,6 +235,26 @@ def test_table_label_tower_is_the_items_input_embedding():
     assert enc.tables["item"].grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("negatives", ["in_batch", "sampled", "mixed", "all"])
+def test_rows_without_a_label_are_neither_scored_nor_candidates(negatives):
+    """contrastive_loss on rows interleaved with unlabelled ones (-1: padding, 0: UNK; targets="all" keeps
+    every prefix so that the logits keep one shape) equals the loss on the labelled rows alone."""
+    enc = make_encoder(negatives=negatives, num_negatives=7, temperature=0.5)
+    enc.set_label_frequencies(torch.arange(30.0))
+    g = torch.Generator().manual_seed(4)
+    user = torch.randn(9, 1, 16, generator=g)
+    label = torch.tensor([4, -1, 9, 0, 4, 11, -1, 3, 0])
+    keep = label > 0
+    torch.manual_seed(2)
+    padded, _ = enc.contrastive_loss(user, label)
+    torch.manual_seed(2)
+    compact, _ = enc.contrastive_loss(user[keep], label[keep])
+    assert torch.isfinite(padded) and torch.allclose(padded, compact, atol=1e-6)
+    user.requires_grad_(True)
+    enc.contrastive_loss(user, label)[0].backward()
+    assert torch.isfinite(user.grad).all() and user.grad[~keep].abs().sum() == 0
+
+
 def test_sampled_negatives_exclude_unk_and_follow_torch_rng():
     enc = make_encoder(negatives="sampled", num_negatives=8)
     feats, lengths = make_batch()

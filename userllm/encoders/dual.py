@@ -51,6 +51,7 @@ FUSIONS = ("attention", "last")
 NEGATIVES = ("in_batch", "sampled", "mixed", "all")
 TARGETS = ("last", "all")
 SCORES = ("cosine", "dot")
+IGNORE = -100         # cross-entropy target of a row without a real label
 LABEL_TOWERS = ("mlp", "linear", "table")
 
 
@@ -237,15 +238,21 @@ class DualEncoder(nn.Module):
             keep = label > 0
             user = self.forward([x[keep] for x in history], hist_len[keep]).embeddings if bool(keep.any()) else None
             label = label[keep]
-        if user is None or not len(label):
+        if user is None or not bool((label > 0).any()):
             zero = self.fuse_mlp[0].weight.sum() * 0.0
             return zero, {}
         return self.contrastive_loss(user, label)
 
     def prefix_users(self, features: Sequence[torch.Tensor], lengths: torch.Tensor
                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(user embeddings [N, 1, d] of every prefix whose next event has a real label, labels [N]), or
-        (None, empty) when there is none. Needs fusion "last" and k = 1 (checked by the config)."""
+        """(user embeddings [B * (L - 1), 1, d] of every prefix of the windows, labels [B * (L - 1)]: the next
+        event's id, -1 where it is padding or UNK), or (None, empty) when no prefix has a real label. Needs
+        fusion "last" and k = 1 (checked by the config).
+
+        Every position is kept, not only the labelled ones, so that each step's [B * (L - 1), V] logits have
+        one shape: with a different row count every step (the labelled prefixes), the training loop's
+        no-mmap heap (``userllm.utils.memory.reuse_freed_memory``) fragmented and grew by ~50 MB a step, to
+        12 GB and the OOM killer in ~500 steps (ml-latest-small, window 50, ``--negatives all``; 2026-12-05)."""
         L = features[0].shape[1]
         lengths = lengths.to(features[0].device)
         mask = length_mask(lengths, L)
@@ -255,50 +262,57 @@ class DualEncoder(nn.Module):
         src = mask[:, 1:] & (label_ids[:, 1:] > 0)                             # [B, L - 1]
         if L < 2 or not bool(src.any()):
             return None, label_ids.new_zeros(0)
-        h = self.transformer(self.embed(features))[:, :-1][src]               # [N, d]
-        return self.fuse_mlp(h).unsqueeze(1), label_ids[:, 1:][src]
+        h = self.transformer(self.embed(features))[:, :-1]                     # [B, L - 1, d]
+        return self.fuse_mlp(h).reshape(-1, 1, h.shape[-1]), label_ids[:, 1:].masked_fill(~src, -1).reshape(-1)
 
     def contrastive_loss(self, user: torch.Tensor, label: torch.Tensor
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Softmax cross-entropy of label [B] (real ids) for user embeddings [B, k, d] against the
-        ``negatives`` candidates (module docstring)."""
+        """Softmax cross-entropy of label [B] for user embeddings [B, k, d] against the ``negatives``
+        candidates (module docstring). Rows whose label is not a real id (<= 0) are ignored, and are no
+        candidate of the other rows."""
+        valid = label > 0
+        ids = label.clamp_min(0)                                              # lookups; invalid rows masked
+        rows = torch.arange(len(label), device=label.device)
+        ignored = torch.full_like(label, IGNORE)
         if self.config.negatives == "in_batch":
-            logits = self.logits(user, label)                                 # [B, B]
+            logits = self.logits(user, ids)                                   # [B, B]
             if self.config.logq_correction:
-                logits = logits - self.label_log_q[label][None, :]            # column j: candidate label j
-            same = label[:, None] == label[None, :]
+                logits = logits - self.label_log_q[ids][None, :]              # column j: candidate label j
+            same = ids[:, None] == ids[None, :]
             eye = torch.eye(len(label), dtype=torch.bool, device=label.device)
-            logits = logits.masked_fill(same & ~eye, float("-inf"))
-            target = torch.arange(len(label), device=label.device)
+            logits = logits.masked_fill((same | ~valid[None, :]) & ~eye, float("-inf"))
+            target = torch.where(valid, rows, ignored)
         elif self.config.negatives == "mixed":
             V = self.features[self.label_index].num_embeddings
             B, n = len(label), self.config.num_negatives
             neg = torch.randint(1, max(V, 2), (n,), device=label.device)   # uniform over real ids
-            cand = torch.cat([label, neg])                                   # [B + n]
+            cand = torch.cat([ids, neg])                                     # [B + n]
             logits = self.logits(user, cand)                                  # [B, B + n]
             if self.config.logq_correction:
-                expected = B * self.label_log_q[cand].double().exp() + n / max(V - 1, 1)
+                drawn = int(valid.sum())                                     # the in-batch draws
+                expected = drawn * self.label_log_q[cand].double().exp() + n / max(V - 1, 1)
                 logits = logits - expected.log().float()[None, :]
-            target = torch.arange(B, device=label.device)
             own = torch.zeros(B, B + n, dtype=torch.bool, device=label.device)
-            own[target, target] = True
-            logits = logits.masked_fill((cand[None, :] == label[:, None]) & ~own, float("-inf"))
+            own[rows, rows] = True
+            dropped = (cand[None, :] == ids[:, None]) | torch.cat([~valid, valid.new_zeros(n)])[None, :]
+            logits = logits.masked_fill(dropped & ~own, float("-inf"))
+            target = torch.where(valid, rows, ignored)
         elif self.config.negatives == "all":
             logits = self.logits(user)                                        # [B, V]
             logits[:, 0] = float("-inf")                                     # UNK is never a candidate
-            target = label
+            target = torch.where(valid, label, ignored)
         else:
             V = self.features[self.label_index].num_embeddings
             # Uniform over real ids 1..V-1 (UNK 0 never a candidate); drawn from torch's RNG so that
             # checkpoints restore the stream.
             neg = torch.randint(1, max(V, 2), (self.config.num_negatives,), device=label.device)
-            u, v, scale = self._operands(user, self.label_embeddings(label))
-            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) * scale + self.bias(label)
+            u, v, scale = self._operands(user, self.label_embeddings(ids))
+            pos = torch.einsum("bkd,bd->bk", u, v).amax(dim=1) * scale + self.bias(ids)
             neg_s = self.logits(user, neg)                                    # [B, n]
-            neg_s = neg_s.masked_fill(neg[None, :] == label[:, None], float("-inf"))
+            neg_s = neg_s.masked_fill(neg[None, :] == ids[:, None], float("-inf"))
             logits = torch.cat([pos[:, None], neg_s], dim=1)
-            target = torch.zeros(len(label), dtype=torch.long, device=label.device)
-        loss = F.cross_entropy(logits, target)
+            target = torch.where(valid, torch.zeros_like(label), ignored)
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
         return loss, {self.config.label_feature: loss.detach()}
 
     @torch.no_grad()
