@@ -51,8 +51,8 @@ FUSIONS = ("attention", "last")
 NEGATIVES = ("in_batch", "sampled", "mixed", "all")
 TARGETS = ("last", "all")
 SCORES = ("cosine", "dot")
-IGNORE = -100         # cross-entropy target of a row without a real label
 LABEL_TOWERS = ("mlp", "linear", "table")
+IGNORE = -100         # cross-entropy target of a row without a real label
 
 
 @dataclass
@@ -61,8 +61,8 @@ class DualEncoderConfig(EncoderConfig):
     label_feature (the feature the label tower embeds and the loss predicts), logq_correction (in-batch
     and mixed negatives only), targets ("last": one label per window, its last event; "all": every event
     of the window after the first, see :meth:`DualEncoder.next_event_loss`), item_bias (a learned bias
-    per label id added to every score), score ("cosine" / "dot") and label_tower ("mlp" / "linear"),
-    module docstring."""
+    per label id added to every score), score ("cosine" / "dot") and label_tower ("mlp" / "linear" /
+    "table"), module docstring."""
 
     num_user_embeddings: int = 1
     fusion: str = "attention"
