@@ -49,15 +49,22 @@ def test_the_full_fit_is_at_least_as_good_and_rejects_unknown_fits():
         fit_gate(hidden, own, copy, w0, b0, fit="scale")
 
 
-def test_evaluate_calibrates_on_the_validation_split_and_leaves_the_run_alone(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def pointer_run(tmp_path_factory):
     from test_train import run_train, tiny_args
 
+    root = tmp_path_factory.mktemp("pointer")
+    run = root / "run"
+    run_train(tiny_args(root / "cache", run, readout_tokens=3, readout_title_tokens=4, readout_pointer=True,
+                        strategy="proj", steps=4, llm_pretrain_steps=20))
+    return run
+
+
+def test_evaluate_calibrates_on_the_validation_split_and_leaves_the_run_alone(pointer_run, tmp_path, capsys):
     from userllm.checkpoint import latest_checkpoint
     from userllm.evaluate import main as evaluate_main
 
-    run = tmp_path / "run"
-    run_train(tiny_args(tmp_path / "cache", run, readout_tokens=3, readout_title_tokens=4, readout_pointer=True,
-                        strategy="proj", steps=4, llm_pretrain_steps=20))
+    run = pointer_run
     ckpt = latest_checkpoint(run)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     evaluate_main([str(run), "--threads", "1", "--calibrate-gate", "bias", "--out", str(tmp_path / "cal.json")])
@@ -69,6 +76,22 @@ def test_evaluate_calibrates_on_the_validation_split_and_leaves_the_run_alone(tm
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest        # the run's checkpoint is untouched
     assert run_cli(evaluate_main, [str(run), "--threads", "1", "--calibrate-gate", "bias", "--split", "val"]) == 2
     assert "--calibrate-gate: fits on the validation split" in capsys.readouterr().err
+
+
+def test_the_benchmark_script_fits_both_ways_and_holds_out_half(pointer_run, capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gate_calibration.py"
+    monkeypatch.setattr(sys, "argv", ["gate_calibration.py", str(pointer_run)])
+    runpy.run_path(str(script), run_name="__main__")
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] > 0 and set(out) >= {"bias", "gate", "loss_as_trained"}
+    for fit in ("bias", "gate"):
+        assert out[fit]["loss"] <= out["loss_as_trained"] + 1e-9 and 0 < out[fit]["mean_gate"] < 1
+        assert out[fit]["held_out_loss"] > 0
+    assert out["gate"]["loss"] <= out["bias"]["loss"] + 1e-9
 
 
 def test_calibrate_gate_needs_a_pointer_run(tmp_path, capsys):
