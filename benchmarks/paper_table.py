@@ -114,6 +114,14 @@ ENCODERS = {e.name: e for e in (
     # label, the exact softmax over the items with a per-item bias, 40 epochs (1,440 steps), no early stop
     Encoder("dual-w50-full", "ml-latest-small", ("--encoder", "dual", "--window", "50", "--dual-targets", "all",
                                                  "--negatives", "all", "--item-bias"), steps=0),
+    # the gap between those two, taken apart (README "Stage 1", session 11): the dual encoder with the AR
+    # head's form (a dot product with the item's input embedding, the AR encoder's learning rate), and the
+    # AR encoder with its item head alone (no rating and genre heads)
+    Encoder("dual-w50-dot-table", "ml-latest-small", ("--encoder", "dual", "--window", "50", "--dual-targets", "all",
+                                                      "--negatives", "all", "--item-bias", "--dual-score", "dot",
+                                                      "--label-tower", "table", "--lr", "3e-3"), steps=0),
+    Encoder("ar-w50-item", "ml-latest-small", ("--encoder", "ar", "--window", "50", "--rating-weight", "0",
+                                               "--category-weight", "0"), steps=0),
 )}
 
 _NI = ("--task", "nextitem")
@@ -164,6 +172,10 @@ ROWS = {r.name: r for r in (
         "nextitem", "dual-w50-full", None, paper="R@10 0.206 (T2)"),
     Row("ar-encoder-w50", "AR encoder alone, window 50 (full ranking, all users)", "nextitem", "ar-w50-full", None,
         paper="-"),
+    Row("dual-encoder-w50-dot", "Dual encoder alone, window 50, dot product with the item table (the AR head's form)",
+        "nextitem", "dual-w50-dot-table", None, paper="-"),
+    Row("ar-encoder-w50-item", "AR encoder alone, window 50, item head only (no rating / genre heads)",
+        "nextitem", "ar-w50-item", None, paper="-"),
     # Table 4 / 5: FavGenre beside NextItem
     Row("favgenre-full", "User-LLM xattn, Full, FavGenre", "favgenre", "ar-w20",
         ("--task", "favgenre") + _W20 + ("--strategy", "full"), paper="R@1 0.785 (T4)"),
@@ -682,7 +694,9 @@ def run(opts: Options, log=print) -> dict:
              f"{TINY_STEPS[0] if opts.tiny else opts.pretrain_steps} steps, "
              f"{TINY_EVAL_USERS if opts.tiny else (opts.eval_users or 'all')} test users"
              + (" (rows that set their own steps or users: theirs)"
-                if any(r.steps is not None or r.eval_users is not None for r in rows) else ""))
+                if any(r.steps is not None or r.eval_users is not None for r in rows) else "")
+             + ("; the encoders alone: all test users, at their own length where they set one"
+                if not opts.tiny and any(r.args is None for r in rows) else ""))
     table = {"title": title, "seeds": seeds, "rows": table_rows, "encoders": table_encoders, "findings": findings,
              "command": "python benchmarks/paper_table.py " + shlex.join(sys.argv[1:]) if sys.argv else "",
              "runner_wall_s": round(time.monotonic() - started, 1)}

@@ -155,3 +155,21 @@ def test_the_pointer_row_runs_with_its_own_steps_users_encoder_and_decoder(tmp_p
     assert run_cli(pt.main, _argv(out, cache, "--rows", "pointer", "--seeds", "1")) == 0
     metrics = json.loads((out / "rows" / "pointer" / "seed_0" / "metrics.json").read_text())
     assert metrics["test"]["decoder"] == "exact" and metrics["model"].endswith("-pointer-caption6")
+
+
+def test_every_full_size_command_parses(tmp_path):
+    """Every encoder's and row's full-size command is one its entry point accepts (a mistyped flag or value in
+    the ROWS / ENCODERS tables fails here, not an hour into a run)."""
+    from userllm.config import PretrainConfig, TrainConfig, parse_config
+
+    opts = pt.parse(["--out", str(tmp_path / "full-size")])
+    for enc in pt.ENCODERS.values():
+        cfg = parse_config(pt.stage1_argv(opts, enc, 0), cls=PretrainConfig)
+        assert cfg.seed == 0 and cfg.encoder in ("ar", "dual")
+    for row in pt.ROWS.values():
+        if row.args is not None:
+            assert parse_config(pt.stage2_argv(opts, row, 0), cls=TrainConfig).seed == 0
+    dot = parse_config(pt.stage1_argv(opts, pt.ENCODERS["dual-w50-dot-table"], 0), cls=PretrainConfig)
+    assert (dot.dual_score, dot.label_tower, dot.lr) == ("dot", "table", 3e-3)
+    item = parse_config(pt.stage1_argv(opts, pt.ENCODERS["ar-w50-item"], 0), cls=PretrainConfig)
+    assert item.rating_weight == 0 and item.category_weight == 0
