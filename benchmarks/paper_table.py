@@ -250,6 +250,8 @@ FINDINGS = (
             b_metric="baselines.encoder.recall@10"),
     Finding("User-LLM with readout + pointer > dual encoder (NextItem)", "pointer", ">", "dual-encoder",
             "test.recall@10", "R@10 0.243 vs 0.206 (T2)"),
+    Finding("User-LLM with readout + pointer > dual encoder trained as long (NextItem)", "pointer", ">",
+            "dual-encoder-w50", "test.recall@10", "R@10 0.243 vs 0.206 (T2)"),
     Finding("AR encoder > dual encoder (NextItem, encoders alone)", "ar-encoder-w50", ">", "dual-encoder-w50",
             "test.recall@10", "T8 / T12: User-LLM with the AR encoder ahead of it with the dual encoder"),
     Finding("User-LLM ~ TextPrompt (FavGenre)", "favgenre-full", "~", "favgenre-tp20", "test.recall@1",
