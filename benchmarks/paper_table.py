@@ -100,28 +100,29 @@ class Row:
     eval_users: int | None = None   # test users of this row (None: --eval-users; 0 = all)
 
 
+# the window-50 encoders' flags, shared by their variants below
+_AR50 = ("--encoder", "ar", "--window", "50")
+_DUAL50_ALL = ("--encoder", "dual", "--window", "50", "--dual-targets", "all", "--negatives", "all", "--item-bias")
+
 ENCODERS = {e.name: e for e in (
     Encoder("ar-w20", "ml-latest-small", ("--encoder", "ar", "--window", "20")),
-    Encoder("ar-w50", "ml-latest-small", ("--encoder", "ar", "--window", "50")),
+    Encoder("ar-w50", "ml-latest-small", _AR50),
     # the default window-50 encoder at its own default length (40 epochs; runs/enc50 of README's NextItem
     # section: test R@10 0.0590 in 7 min 40 s on two threads)
-    Encoder("ar-w50-full", "ml-latest-small", ("--encoder", "ar", "--window", "50"), steps=0),
+    Encoder("ar-w50-full", "ml-latest-small", _AR50, steps=0),
     Encoder("ar-beauty", "All_Beauty_5", ("--encoder", "ar", "--window", "10")),
     # the dual encoder at its own default length (2 epochs of stride-1 windows: 3,094 steps at window 50
     # on ml-latest-small; README's table), not --pretrain-steps: 400 steps would be 1/8 of an epoch
     Encoder("dual-w20", "ml-latest-small", ("--encoder", "dual", "--window", "20"), steps=0),
     # the dual encoder trained as the AR encoder is (README, "Stage 1"): every prefix of a window-50 window a
     # label, the exact softmax over the items with a per-item bias, 40 epochs (1,440 steps), no early stop
-    Encoder("dual-w50-full", "ml-latest-small", ("--encoder", "dual", "--window", "50", "--dual-targets", "all",
-                                                 "--negatives", "all", "--item-bias"), steps=0),
+    Encoder("dual-w50-full", "ml-latest-small", _DUAL50_ALL, steps=0),
     # the gap between those two, taken apart (README "Stage 1", session 11): the dual encoder with the AR
     # head's form (a dot product with the item's input embedding, the AR encoder's learning rate), and the
     # AR encoder with its item head alone (no rating and genre heads)
-    Encoder("dual-w50-dot-table", "ml-latest-small", ("--encoder", "dual", "--window", "50", "--dual-targets", "all",
-                                                      "--negatives", "all", "--item-bias", "--dual-score", "dot",
-                                                      "--label-tower", "table", "--lr", "3e-3"), steps=0),
-    Encoder("ar-w50-item", "ml-latest-small", ("--encoder", "ar", "--window", "50", "--rating-weight", "0",
-                                               "--category-weight", "0"), steps=0),
+    Encoder("dual-w50-dot-table", "ml-latest-small",
+            _DUAL50_ALL + ("--dual-score", "dot", "--label-tower", "table", "--lr", "3e-3"), steps=0),
+    Encoder("ar-w50-item", "ml-latest-small", _AR50 + ("--rating-weight", "0", "--category-weight", "0"), steps=0),
 )}
 
 _NI = ("--task", "nextitem")

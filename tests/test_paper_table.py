@@ -142,8 +142,17 @@ def test_missing_data_dir_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--data-dir" in err and "not found" in err
 
 
+def _full_size_opts(tmp_path):
+    """The runner's full-size options over empty stand-ins of every dataset directory: commands are built
+    and parsed, nothing reads the data, so these tests run where ../shared/data is absent too."""
+    data = tmp_path / "data"
+    for args in pt.DATASETS.values():
+        (data / args[list(args).index("--data-path") + 1]).mkdir(parents=True, exist_ok=True)
+    return pt.parse(["--data-dir", str(data), "--out", str(tmp_path / "full-size")])
+
+
 def test_the_pointer_row_runs_with_its_own_steps_users_encoder_and_decoder(tmp_path, cache, capsys):
-    opts = pt.parse(["--out", str(tmp_path / "full-size")])
+    opts = _full_size_opts(tmp_path)
     argv = pt.stage2_argv(opts, pt.ROWS["pointer"], 0)
     for flag, value in (("--steps", "1500"), ("--eval-users", "0"), ("--caption-steps", "1500"),
                         ("--decoder", "exact"), ("--window", "50")):
@@ -162,7 +171,7 @@ def test_every_full_size_command_parses(tmp_path):
     the ROWS / ENCODERS tables fails here, not an hour into a run)."""
     from userllm.config import PretrainConfig, TrainConfig, parse_config
 
-    opts = pt.parse(["--out", str(tmp_path / "full-size")])
+    opts = _full_size_opts(tmp_path)
     for enc in pt.ENCODERS.values():
         cfg = parse_config(pt.stage1_argv(opts, enc, 0), cls=PretrainConfig)
         assert cfg.seed == 0 and cfg.encoder in ("ar", "dual")
